@@ -1,0 +1,102 @@
+"""Engine configuration: the serve flags (vLLM names and meanings) and the parsed model config."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from fp4serve.errors import ConfigError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32, "float": torch.float32}  # fmt: skip
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30}  # fmt: skip
+
+
+def parse_bytes(value: int | str) -> int:
+    """'2GiB', '512MiB', '1.5G' or a plain number of bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot parse a size from {value!r} (examples: 2GiB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class EngineConfig:
+    """Everything `fp4serve serve` and `LLM(...)` accept. Field names are vLLM's engine args."""
+
+    model: str | None = None  # None: the embedded default model
+    tokenizer: str | None = None
+    served_model_name: list[str] | str | None = None
+    dtype: str = "auto"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | str = "2GiB"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    generation_config: str = "auto"  # auto: model's generation_config.json gives request defaults
+    chat_template: str | None = None
+    language_model_only: bool = True
+    trust_remote_code: bool = False  # accepted for vLLM compatibility; we never run remote code
+    num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown engine arguments: {unknown}; known: {sorted(names)}")
+        return cls(**kwargs)
+
+    def __post_init__(self):
+        self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose auto, {', '.join(DTYPES)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class ModelInfo:
+    """What the engine needs to know of a model directory before building the model."""
+
+    path: Path
+    hf_config: object  # the top-level transformers config
+    text_config: object  # the language model's config (hf_config itself for text-only models)
+    architectures: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelInfo":
+        from transformers import AutoConfig
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{path} is not a model directory (no config.json)")
+        try:
+            hf_config = AutoConfig.from_pretrained(str(path))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}/config.json: {e}") from e
+        text_config = hf_config.get_text_config()
+        return cls(path, hf_config, text_config, list(getattr(hf_config, "architectures", None) or []))
+
+    def torch_dtype(self, requested: str) -> torch.dtype:
+        if requested != "auto":
+            return DTYPES[requested]
+        stored = getattr(self.text_config, "dtype", None) or getattr(self.hf_config, "dtype", None)
+        if isinstance(stored, str):
+            stored = DTYPES.get(stored)
+        # vLLM's rule: fp32 checkpoints run in bf16 unless asked; half types run as stored.
+        return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16

@@ -1,0 +1,1 @@
+"""Scheduling, caches, model running, sampling: the step loop behind LLM and the server."""

@@ -1,0 +1,102 @@
+"""KV block pool with prefix caching (a hash chain over token ids), refcounts and lazy LRU eviction.
+
+A full block's hash covers its tokens and, through its parent's hash, every token before it, so
+equal hashes mean equal prefixes. A freed block keeps its hash and stays findable until it is
+reused: free blocks form one LRU queue; allocation takes the oldest and forgets its hash then."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from fp4serve.errors import ConfigError
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+        if num_blocks < 1:
+            raise ConfigError("the KV cache holds no block: raise --kv-cache-memory")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.hash_of: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hits = 0
+        self.queries = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"asked for {n} KV blocks with {len(self.free)} free (scheduler bug)")
+        blocks = []
+        for _ in range(n):
+            block, _ = self.free.popitem(last=False)
+            if self.hash_of[block] is not None:  # evict: its cached content is about to be overwritten
+                del self.cached[self.hash_of[block]]
+                self.hash_of[block] = None
+            self.ref_count[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block. Callers pass a request's blocks tail first, so its
+        prefix blocks (most likely to be shared again) are evicted last."""
+        for block in blocks:
+            self.ref_count[block] -= 1
+            assert self.ref_count[block] >= 0, f"block {block} released twice"
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+
+    def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+        """Cached blocks covering the longest prefix of token_ids within max_tokens, referenced
+        for the caller, and the chain of hashes of those blocks."""
+        if not self.enable_prefix_caching:
+            return [], []
+        blocks, hashes = [], []
+        parent = None
+        bs = self.block_size
+        for start in range(0, max_tokens - bs + 1, bs):
+            h = block_hash(parent, tuple(token_ids[start : start + bs]))
+            block = self.cached.get(h)
+            if block is None:
+                break
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+            blocks.append(block)
+            hashes.append(h)
+            parent = h
+        self.queries += max_tokens // bs
+        self.hits += len(blocks)
+        return blocks, hashes
+
+    def register_full_blocks(self, blocks: list[int], hashes: list[int], token_ids: list[int], num_committed: int) -> None:
+        """Hash every block of `blocks` now entirely filled with committed tokens. `hashes` is the
+        request's chain so far and grows in place."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        while (len(hashes) + 1) * bs <= num_committed:
+            i = len(hashes)
+            h = block_hash(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(h)
+            block = blocks[i]
+            if h not in self.cached:  # an identical block may already be cached: keep that one
+                self.cached[h] = block
+                self.hash_of[block] = h
+
+    def reset_prefix_cache(self) -> None:
+        for block, h in enumerate(self.hash_of):
+            if h is not None:
+                self.hash_of[block] = None
+        self.cached.clear()

@@ -1,0 +1,219 @@
+"""LLMEngine: the synchronous step loop. schedule -> run -> sample -> commit -> detokenize."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from fp4serve.config import EngineConfig, ModelInfo
+from fp4serve.engine.block_pool import BlockPool
+from fp4serve.engine.cache import allocate_caches
+from fp4serve.engine.detokenizer import IncrementalDetokenizer
+from fp4serve.engine.request import Request, RequestStatus
+from fp4serve.engine.runner import ModelRunner
+from fp4serve.engine.sampler import SamplingRow, sample
+from fp4serve.engine.scheduler import Scheduler
+from fp4serve.errors import ConfigError, InvalidRequestError
+from fp4serve.layers.cache_spec import StateSpec
+from fp4serve.models.loader import load_model
+from fp4serve.outputs import CompletionOutput, RequestOutput
+from fp4serve.sampling_params import SamplingParams
+from fp4serve.tokenizer import eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        from fp4serve.default_model import default_model_path
+
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model {model!r} is not a directory (fp4serve loads local Hugging Face directories)")
+    return path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.model_path = resolve_model_path(config.model)
+        self.info = ModelInfo.load(self.model_path)
+        self.device = config.torch_device()
+        self.dtype = self.info.torch_dtype(config.dtype)
+        self.model = load_model(self.info, self.dtype, self.device)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path, config.chat_template)
+        generation_config = read_generation_config(self.model_path)
+        self.default_sampling = sampling_defaults(generation_config) if config.generation_config == "auto" else {}
+        self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
+        self.vocab_size = self.info.text_config.vocab_size
+        self.max_model_len = config.max_model_len or self.info.text_config.max_position_embeddings
+        self._init_caches()
+        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.prompts: dict[str, str | None] = {}
+        self._ids = itertools.count()
+
+    def _init_caches(self) -> None:
+        config = self.config
+        layers = self.model.cache_layers()
+        hybrid = any(isinstance(m.cache_spec(), StateSpec) for m in layers)
+        capacity = allocate_caches(
+            layers, config.max_num_seqs if hybrid else 0, config.kv_cache_memory, config.block_size, self.dtype, self.device
+        )
+        if capacity.num_tokens < self.max_model_len:
+            raise ConfigError(
+                f"the KV cache holds {capacity.num_tokens} tokens, fewer than max_model_len {self.max_model_len}: "
+                f"raise --kv-cache-memory or lower --max-model-len"
+            )
+        prefix_caching = config.enable_prefix_caching
+        if prefix_caching and hybrid:
+            log.info("prefix caching is off: this model has GDN (linear attention) layers, whose state is not cached yet")
+            prefix_caching = False
+        self.block_pool = BlockPool(capacity.num_blocks, config.block_size, prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_pool, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+            capacity.num_state_slots, self.eos_token_ids,
+        )  # fmt: skip
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f KiB/token, %.1f MiB), GDN state %.1f MiB for %d slots; "
+            "maximum concurrency for %d tokens per request: %.2fx",
+            capacity.num_blocks, capacity.block_size, capacity.num_tokens, capacity.kv_bytes_per_token / 1024,
+            capacity.num_tokens * capacity.kv_bytes_per_token / 2**20, capacity.state_bytes / 2**20,
+            capacity.num_state_slots, self.max_model_len, capacity.num_tokens / self.max_model_len,
+        )  # fmt: skip
+        self.capacity = capacity
+
+    # ---- requests ---------------------------------------------------------------------------
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams.from_defaults(self.default_sampling)
+
+    def tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self.tokenize(prompt["prompt"])
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}")
+
+    def add_request(
+        self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        text, token_ids = self.tokenize(prompt)
+        params = params or self.default_sampling_params()
+        params.validate()
+        self._check_prompt(token_ids)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        request = Request(request_id, token_ids, params, self.max_model_len, generator)
+        self.requests[request_id] = request
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params)
+        self.prompts[request_id] = text
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                f"which must leave room for at least one generated token"
+            )
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:10]}")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return None
+        return self._finish_output(request, "", [], None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        step = self.runner.execute(plan)
+        requests = [plan.scheduled[i].request for i in step.sample_rows]
+        rows = [
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.eos_token_ids)
+            for r in requests
+        ]
+        sampled = sample(step.logits, rows)
+        new_tokens: list[list[int]] = [[] for _ in plan.scheduled]
+        for i, token in zip(step.sample_rows, sampled.token_ids):
+            new_tokens[i] = [token]
+        before = {r.request_id: len(r.output_token_ids) for r in requests}
+        self.scheduler.commit(plan, new_tokens)
+        outputs = []
+        for request, logprobs in zip(requests, sampled.logprobs):
+            added = request.output_token_ids[before[request.request_id] :]
+            outputs.append(self._emit(request, added, [logprobs] if logprobs is not None else None))
+        return outputs
+
+    def _emit(self, request: Request, added: list[int], logprobs) -> RequestOutput:
+        detok = self.detokenizers[request.request_id]
+        stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED
+        # A stop token's own text is not part of the answer (vLLM does the same).
+        text_tokens = added[:-1] if stopped_by_token and not request.params.include_stop_str_in_output else added
+        delta = detok.add_tokens(text_tokens)
+        if detok.stopped and not request.status.finished:
+            request.stop_reason = detok.stop_reason
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+        if request.status.finished and not detok.stopped:
+            delta += detok.flush()
+        if request.first_token_time is None and added:
+            request.first_token_time = time.monotonic()
+        if request.status.finished:
+            return self._finish_output(request, delta, added, logprobs)
+        return self._output(request, delta, added, logprobs)
+
+    def _output(self, request: Request, delta: str, added: list[int], logprobs) -> RequestOutput:
+        detok = self.detokenizers[request.request_id]
+        all_logprobs = request.logprobs
+        if all_logprobs is not None and logprobs:
+            all_logprobs += logprobs
+        completion = CompletionOutput(
+            index=0,
+            text=detok.output_text,
+            token_ids=list(request.output_token_ids),
+            cumulative_logprob=sum(lp.logprob for lp in all_logprobs) if all_logprobs else None,
+            logprobs=list(all_logprobs) if all_logprobs is not None else None,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=self.prompts[request.request_id],
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=request.status.finished,
+            num_cached_tokens=request.num_cached_tokens,
+            delta_text=delta,
+            delta_token_ids=added,
+            delta_logprobs=logprobs,
+        )
+
+    def _finish_output(self, request: Request, delta: str, added: list[int], logprobs) -> RequestOutput:
+        output = self._output(request, delta, added, logprobs)
+        del self.requests[request.request_id], self.detokenizers[request.request_id], self.prompts[request.request_id]
+        return output

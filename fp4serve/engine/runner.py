@@ -1,0 +1,75 @@
+"""ModelRunner: plan -> flat tensors -> model -> logits of the rows that sample. Owns no policy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp4serve.engine.request import Request
+from fp4serve.engine.scheduler import SchedulerPlan
+from fp4serve.forward_batch import ForwardBatch
+
+
+def token_slice(request: Request, start: int, end: int) -> list[int]:
+    """request.all_token_ids[start:end] without concatenating the whole history."""
+    prompt = request.prompt_token_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    out = request.output_token_ids
+    if start >= len(prompt):
+        return out[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + out[: end - len(prompt)]
+
+
+@dataclass
+class StepOutput:
+    hidden: torch.Tensor  # [T, H] every scheduled token
+    logits: torch.Tensor  # [N, V] float32, the rows listed in sample_rows
+    sample_rows: list[int]  # index into plan.scheduled of each logits row
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int, device: torch.device):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(self, plan: SchedulerPlan) -> ForwardBatch:
+        bs = self.block_size
+        ids, positions, slots, query_lens, num_computed, tables, state_slots = [], [], [], [], [], [], []
+        for item in plan.scheduled:
+            request, start = item.request, item.request.num_computed_tokens
+            end = start + item.num_tokens
+            ids += token_slice(request, start, end)
+            positions += range(start, end)
+            blocks = request.block_ids
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            query_lens.append(item.num_tokens)
+            num_computed.append(start)
+            tables.append(blocks)
+            state_slots.append(request.state_slot if request.state_slot is not None else 0)
+        width = max(len(t) for t in tables)
+        table = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        dev = self.device
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            query_lens=query_lens,
+            num_computed=num_computed,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=table.to(dev),
+            context_lens=torch.tensor([c + q for c, q in zip(num_computed, query_lens)], dtype=torch.long, device=dev),
+            state_slots=torch.tensor(state_slots, dtype=torch.long, device=dev),
+            block_size=bs,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerPlan) -> StepOutput:
+        batch = self.prepare(plan)
+        hidden = self.model(batch)
+        sample_rows = [i for i, item in enumerate(plan.scheduled) if item.samples]
+        last_token_rows = [batch.query_start[i + 1] - 1 for i in sample_rows]
+        logits = self.model.compute_logits(hidden[last_token_rows])
+        return StepOutput(hidden, logits, sample_rows)

@@ -1,0 +1,210 @@
+"""Continuous batching: which requests run this step and how many tokens each.
+
+The scheduler owns all policy. Each step it first continues running requests (decodes and
+unfinished prefill chunks, oldest first), preempting the newest by recompute when KV blocks run
+out, then admits waiting requests while the token budget, the sequence limit, the blocks and the
+state slots allow. A request may be scheduled for any number of tokens, so a verification step of
+1 + k tokens is the same plan as a prefill chunk."""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from fp4serve.engine.block_pool import BlockPool
+from fp4serve.engine.request import Request, RequestStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the known tokens, so a new token is sampled."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerPlan:
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_pool: BlockPool,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool,
+        num_state_slots: int,
+        eos_token_ids: frozenset[int],
+    ):
+        self.pool = block_pool
+        self.block_size = block_pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = enable_chunked_prefill
+        self.uses_state_slots = num_state_slots > 0
+        self.free_slots = list(range(num_state_slots - 1, -1, -1))
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        for queue in (self.running, self.waiting):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    self._release(request)
+                    request.status = RequestStatus.FINISHED_ABORTED
+                    return request
+        return None
+
+    # ---- scheduling -------------------------------------------------------------------------
+    def schedule(self) -> SchedulerPlan:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow(request, request.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                break
+            scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+            i += 1
+        # Admitting new work while evicting running work would only thrash.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            n = self._admit(request, budget)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+        return SchedulerPlan(scheduled, preempted)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        need = self._blocks_for(num_tokens) - len(request.block_ids)
+        if need > self.pool.num_free:
+            return False
+        if need > 0:
+            request.block_ids += self.pool.allocate(need)
+        return True
+
+    def _admit(self, request: Request, budget: int) -> int:
+        """Give a waiting request its prefix-cache hit, blocks and state slot; 0 if it cannot start."""
+        if self.uses_state_slots and not self.free_slots:
+            return 0
+        # At least one token must be computed to produce logits, so the hit stops short of the end.
+        blocks, hashes = self.pool.match_prefix(request.all_token_ids, request.num_tokens - 1)
+        computed = len(blocks) * self.block_size
+        remaining = request.num_tokens - computed
+        n = min(remaining, budget)
+        need = self._blocks_for(computed + n) - len(blocks)
+        if (n < remaining and not self.chunked_prefill) or need > self.pool.num_free:
+            self.pool.release(blocks[::-1])
+            return 0
+        request.block_ids = blocks + self.pool.allocate(need)
+        request.block_hashes = hashes
+        request.num_computed_tokens = computed
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = computed
+        if self.uses_state_slots:
+            request.state_slot = self.free_slots.pop()
+        request.status = RequestStatus.RUNNING
+        return n
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute policy: drop everything the request holds; it restarts from its tokens so far."""
+        self._release(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        log.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _release(self, request: Request) -> None:
+        self.pool.release(request.block_ids[::-1])
+        request.block_ids = []
+        request.block_hashes = []
+        if request.state_slot is not None:
+            self.free_slots.append(request.state_slot)
+            request.state_slot = None
+
+    # ---- after the forward ------------------------------------------------------------------
+    def commit(self, plan: SchedulerPlan, new_tokens: list[list[int]]) -> list[Request]:
+        """Advance each scheduled request by its computed tokens and append the sampled ones
+        (new_tokens[i] is empty for a prefill chunk that did not reach the end). Returns the
+        requests that finished this step; their resources are already released."""
+        finished = []
+        for item, tokens in zip(plan.scheduled, new_tokens):
+            request = item.request
+            request.num_computed_tokens += item.num_tokens
+            bs = self.block_size
+            if self.pool.enable_prefix_caching and (len(request.block_hashes) + 1) * bs <= request.num_computed_tokens:
+                self.pool.register_full_blocks(
+                    request.block_ids, request.block_hashes, request.all_token_ids, request.num_computed_tokens
+                )
+            for token in tokens:
+                request.output_token_ids.append(token)
+                if self._check_stop(request, token):
+                    break
+            if request.status.finished:
+                self.finish(request, request.status)
+                finished.append(request)
+        return finished
+
+    def _check_stop(self, request: Request, token: int) -> bool:
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens:
+            if token in params.stop_token_ids:
+                request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
+                return True
+            if not params.ignore_eos and token in self.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+        if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        if request.num_tokens >= request.max_total_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the running set (stop token, length, or a stop string that the
+        engine's detokenizer found) and free what it holds."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        self._release(request)

@@ -1,0 +1,21 @@
+"""Exception types every layer raises; the server maps them to HTTP status codes."""
+
+
+class Fp4ServeError(Exception):
+    """Base class of fp4serve's own errors."""
+
+
+class InvalidRequestError(Fp4ServeError, ValueError):
+    """The request is malformed or exceeds a limit (HTTP 400)."""
+
+
+class CheckpointError(Fp4ServeError):
+    """A model directory or weight file is missing, malformed or does not match the model."""
+
+
+class UnsupportedModelError(Fp4ServeError):
+    """The architecture or a config feature is not implemented."""
+
+
+class ConfigError(Fp4ServeError, ValueError):
+    """Engine flags are inconsistent (e.g. the cache cannot hold one max-length sequence)."""

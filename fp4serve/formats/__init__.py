@@ -1,0 +1,1 @@
+"""Bytes on disk <-> tensors. Knows no model."""

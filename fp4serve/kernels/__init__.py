@@ -1,0 +1,1 @@
+"""Device fast paths. Each must match its layers/ reference (tests/unit compare them)."""

@@ -1,0 +1,1 @@
+"""Model building blocks. Each has a plain torch reference implementation: the numerical truth."""

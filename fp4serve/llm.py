@@ -1,0 +1,89 @@
+"""The offline API, shaped like vLLM's: LLM(model, **engine_args).generate(...) / .chat(...)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fp4serve.config import EngineConfig
+from fp4serve.engine.engine import LLMEngine
+from fp4serve.errors import InvalidRequestError
+from fp4serve.outputs import RequestOutput
+from fp4serve.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_args))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """prompts: a string, {"prompt_token_ids": [...]}, or a list of those. Outputs keep the
+        order of the prompts."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
+        ids = []
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                ids.append(self.engine.add_request(prompt, params))
+        except Exception:
+            for request_id in ids:  # a bad prompt fails the whole call and leaves nothing queued
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template_kwargs: dict | None = None,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several (a list of lists)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt_token_ids": ids, "prompt": None}
+            for ids in (self.apply_chat_template(c, chat_template_kwargs, add_generation_prompt, tools) for c in conversations)
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages, chat_template_kwargs=None, add_generation_prompt=True, tools=None) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer.chat_template is None:
+            raise InvalidRequestError("this model has no chat template; pass --chat-template or use generate()")
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+        )
+        # The template already wrote the special tokens (vLLM tokenizes chat prompts the same way).
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(request_ids), desc="generate", unit="req")
+        while len(final) < len(request_ids):
+            for output in self.engine.step():
+                if output.finished:
+                    final[output.request_id] = output
+                    if progress:
+                        progress.update(1)
+        if progress:
+            progress.close()
+        return [final[i] for i in request_ids]

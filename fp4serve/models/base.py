@@ -1,0 +1,40 @@
+"""What every model family shares: the engine-facing contract of DESIGN.md.
+
+forward(batch) -> hidden states for every scheduled token; compute_logits(rows) -> logits;
+load_weights(iter) strict; cache needs declared by layers that have a `cache_spec()`."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fp4serve.forward_batch import ForwardBatch
+from fp4serve.models.weights import LoadPlan, load_weights
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config, dtype: torch.dtype, drop_mtp: bool = True):
+        super().__init__()
+        self.config = config  # the text config (transformers PretrainedConfig)
+        self.dtype = dtype
+        self.drop_mtp = drop_mtp
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 for the given rows of hidden states [N, H] -> [N, V]."""
+        if self.config.tie_word_embeddings:
+            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def load_plan(self) -> LoadPlan:
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_weights(self, weights, self.load_plan())
+
+    def cache_layers(self) -> list[nn.Module]:
+        """Modules that need engine-allocated cache (attention KV, GDN state), in model order."""
+        return [m for m in self.modules() if hasattr(m, "cache_spec")]

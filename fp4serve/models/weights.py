@@ -1,0 +1,109 @@
+"""Strict weight loading: every parameter filled, every checkpoint tensor used or dropped on purpose.
+
+Silently skipping tensors is how a mis-nested checkpoint ends up generating garbage, so any
+missing or unexpected name is an error that lists the names."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fp4serve.errors import CheckpointError
+from fp4serve.layers.linear import Linear
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 20
+
+
+@dataclass
+class LoadPlan:
+    """How a family's checkpoint names map onto its modules."""
+
+    # (our module suffix, checkpoint module suffix, shard index): q_proj -> qkv_proj shard 0
+    stacked: list[tuple[str, str, int]] = field(default_factory=list)
+    # checkpoint-name prefixes rewritten before lookup: ("model.language_model.", "model.")
+    renames: list[tuple[str, str]] = field(default_factory=list)
+    # fnmatch patterns of tensors dropped on purpose, with a reason for the log
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
+
+
+def expected_keys(model: nn.Module) -> set[str]:
+    """Everything a checkpoint must provide: per Linear shard, plus every other parameter."""
+    keys = set()
+    linear_prefixes = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, Linear):
+            linear_prefixes.add(prefix)
+            names = module.method.tensor_names(module) + (["bias"] if module.bias is not None else [])
+            for name in names:
+                for shard in range(len(module.output_sizes)) if len(module.output_sizes) > 1 else [None]:
+                    keys.add(_key(prefix, name, shard))
+    for name, _ in model.named_parameters():
+        if name.rsplit(".", 1)[0] not in linear_prefixes:
+            keys.add(_key(*name.rsplit(".", 1), None))
+    return keys
+
+
+def _key(prefix: str, name: str, shard: int | None) -> str:
+    return f"{prefix}.{name}" + ("" if shard is None else f"#{shard}")
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], plan: LoadPlan) -> None:
+    modules = dict(model.named_modules())
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    dropped: Counter[str] = Counter()
+    for ckpt_name, tensor in weights:
+        pattern = next((p for p in plan.dropped if fnmatch.fnmatchcase(ckpt_name, p)), None)
+        if pattern is not None:
+            dropped[pattern] += 1
+            continue
+        name = ckpt_name
+        for old, new in plan.renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        module_path, _, param = name.rpartition(".")
+        shard = None
+        for ours, theirs, index in plan.stacked:
+            if module_path.endswith("." + theirs):
+                module_path = module_path[: -len(theirs)] + ours
+                shard = index
+                break
+        module = modules.get(module_path)
+        if isinstance(module, Linear):
+            module.load(param, tensor, shard)
+        elif module is not None and isinstance(getattr(module, param, None), nn.Parameter):
+            target = getattr(module, param)
+            if target.shape != tensor.shape:
+                raise CheckpointError(f"{ckpt_name}: shape {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
+            target.data.copy_(tensor)
+        else:
+            unexpected.append(ckpt_name)
+            continue
+        key = _key(module_path, param, shard)
+        if key in filled:
+            raise CheckpointError(f"{ckpt_name}: appears twice in the checkpoint")
+        filled.add(key)
+    for pattern, count in dropped.items():
+        log.info("dropped %d checkpoint tensors matching %s (%s)", count, pattern, plan.dropped[pattern])
+    missing = expected_keys(model) - filled
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (model parameters never loaded): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (no parameter takes them): {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))

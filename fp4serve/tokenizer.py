@@ -1,0 +1,54 @@
+"""Tokenizer, chat template and generation defaults of a model directory."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from fp4serve.errors import ConfigError
+from fp4serve.sampling_params import GENERATION_CONFIG_FIELDS
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None):
+    """transformers' tokenizer; `chat_template` (a file or the template text) overrides the model's."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from e
+    if chat_template is not None:
+        template_path = Path(chat_template)
+        tokenizer.chat_template = template_path.read_text() if template_path.exists() else chat_template
+    return tokenizer
+
+
+def read_generation_config(path: str | Path) -> dict:
+    """generation_config.json as a dict ({} when absent)."""
+    file = Path(path) / "generation_config.json"
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: {e}") from e
+
+
+def sampling_defaults(generation_config: dict) -> dict:
+    """The request defaults a model ships (vLLM --generation-config auto). A config that says
+    do_sample=false asks for greedy decoding."""
+    defaults = {k: generation_config[k] for k in GENERATION_CONFIG_FIELDS if k in generation_config}
+    if generation_config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def eos_token_ids(tokenizer, generation_config: dict) -> frozenset[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    eos = generation_config.get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return frozenset(ids)
