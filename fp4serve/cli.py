@@ -1,0 +1,165 @@
+"""fp4serve command line: serve | generate | chat | convert-gguf. Engine flags keep vLLM's names."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fp4serve.errors import Fp4ServeError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="maximum concurrent sequences")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--kv-cache-memory", default="2GiB", help="memory for KV cache and GDN state, e.g. 2GiB or bytes")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                   help="auto: the model's generation_config.json sets request defaults; vllm: ignore it")  # fmt: skip
+    p.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
+    p.add_argument("--language-model-only", action="store_true", default=True,
+                   help="serve the text path of multimodal checkpoints (always on: vision is not served)")  # fmt: skip
+    p.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility; no remote code runs")
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+
+
+ENGINE_FIELDS = (
+    "model", "tokenizer", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+    "kv_cache_memory", "enable_prefix_caching", "enable_chunked_prefill", "seed", "generation_config",
+    "chat_template", "language_model_only", "trust_remote_code", "num_threads",
+)  # fmt: skip
+
+
+def engine_config(args):
+    from fp4serve.config import EngineConfig
+
+    return EngineConfig.from_kwargs(**{name: getattr(args, name) for name in ENGINE_FIELDS})
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed-request", type=int, default=None, dest="request_seed", help="per-request sampling seed")
+
+
+def sampling_params(engine, args):
+    from fp4serve.sampling_params import SamplingParams
+
+    return SamplingParams.from_defaults(
+        engine.default_sampling, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.request_seed,
+    )  # fmt: skip
+
+
+def cmd_serve(args) -> None:
+    from fp4serve.server.app import run_server
+
+    names = args.served_model_name
+    run_server(engine_config(args), host=args.host, port=args.port, api_key=args.api_key, served_model_names=names)
+
+
+def cmd_generate(args) -> None:
+    from fp4serve.llm import LLM
+
+    llm = LLM.from_config(engine_config(args))
+    params = sampling_params(llm.engine, args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params) if args.chat else llm.generate(prompts, params)
+    for output in outputs:
+        print(output.outputs[0].text)
+
+
+def cmd_chat(args) -> None:
+    """Interactive terminal chat; tokens stream as they are generated."""
+    from fp4serve.llm import LLM
+
+    llm = LLM.from_config(engine_config(args))
+    engine = llm.engine
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("fp4serve chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if user.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        request_id = engine.add_request({"prompt_token_ids": llm.apply_chat_template(history)}, sampling_params(engine, args))
+        reply = ""
+        done = False
+        while not done:
+            for output in engine.step():
+                if output.request_id == request_id:
+                    print(output.delta_text, end="", flush=True)
+                    reply += output.delta_text
+                    done = output.finished
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_convert_gguf(args) -> None:
+    from fp4serve.formats.gguf import convert_gguf
+
+    out = convert_gguf(args.gguf_file, args.out_dir)
+    print(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fp4serve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this Bearer token on /v1/*")
+    serve.add_argument("--served-model-name", nargs="+", default=None, help="model names clients may use")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="complete prompts given as arguments or lines on stdin")
+    add_engine_args(gen)
+    sampling_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read lines from stdin")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    add_engine_args(chat)
+    sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=cmd_chat)
+
+    conv = sub.add_parser("convert-gguf", help="convert a GGUF file into a Hugging Face model directory")
+    conv.add_argument("gguf_file")
+    conv.add_argument("out_dir")
+    conv.set_defaults(func=cmd_convert_gguf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except Fp4ServeError as e:
+        print(f"fp4serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
