@@ -90,6 +90,10 @@ class ModelInfo:
         except (ValueError, KeyError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}/config.json: {e}") from e
         text_config = hf_config.get_text_config()
+        if text_config is not hf_config:
+            # transformers ties a multimodal model's lm_head by the top-level flag; the text config's own
+            # flag may disagree (Qwen3_5Config(tie_word_embeddings=True) leaves text_config's False)
+            text_config.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
         return cls(path, hf_config, text_config, list(getattr(hf_config, "architectures", None) or []))
 
     def torch_dtype(self, requested: str) -> torch.dtype:

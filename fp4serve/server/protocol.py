@@ -1,0 +1,329 @@
+"""The OpenAI wire format the server speaks: request and response models, errors, SSE framing.
+
+Request models take the subset of OpenAI's fields that fp4serve implements, plus vLLM's sampling
+extensions (top_k, min_p, repetition_penalty, stop_token_ids, ...). Fields outside the schema are
+ignored, as vLLM and OpenAI do. Ranges are not checked here: SamplingParams is the one place that
+knows them, and its InvalidRequestError becomes a 400 like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from fp4serve.errors import Fp4ServeError, InvalidRequestError
+from fp4serve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+class ErrorInfo(OpenAIModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIModel):
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    """An error answered with `status` and OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_response(error: Exception) -> tuple[int, ErrorResponse]:
+    """The HTTP status and body for any exception: our own 4xx, or a 500 that names the failure."""
+    if isinstance(error, APIError):
+        status, message, param, code = error.status, error.message, error.param, error.code
+    elif isinstance(error, InvalidRequestError):
+        status, message, param, code = 400, str(error), None, None
+    else:
+        status, message, param, code = 500, f"{type(error).__name__}: {error}", None, None
+    # OpenAI's own types: the caller's fault, or ours.
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return status, ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
+
+
+# ---- server-sent events -------------------------------------------------------------------------
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_event(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+@dataclass
+class EventStream:
+    """A streamed answer: SSE text events, and `close`, which the HTTP layer calls when the response
+    ends however it ends (finished, client gone, error), so the engine request never outlives it."""
+
+    events: AsyncIterator[str]
+    close: Callable[[], None]
+
+
+async def sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Frame `chunks` as SSE events ending with [DONE]. The status line is long sent when an error
+    happens mid-stream, so the error travels as an event (the openai client raises it)."""
+    try:
+        async for chunk in chunks:
+            yield sse_event(chunk)
+    except Exception as e:
+        if not isinstance(e, Fp4ServeError):  # a bug here; engine failures were logged where they happened
+            log.error("stream failed", exc_info=e)
+        yield sse_event(error_response(e)[1])
+    yield SSE_DONE
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+class UsageInfo(OpenAIModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class ModelCard(OpenAIModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "fp4serve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SamplingRequest(OpenAIModel):
+    """Fields common to /v1/completions and /v1/chat/completions. A sampling field left out (None)
+    takes the model's generation_config default, then SamplingParams' own."""
+
+    model: str | None = None  # None: the first served model name
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives to return with each token; None: no logprobs."""
+        return None
+
+    def to_sampling_params(self, prompt_len: int, max_model_len: int, defaults: dict) -> SamplingParams:
+        max_tokens = self.requested_max_tokens()
+        check_context_length(prompt_len, max_tokens, max_model_len)
+        return SamplingParams.from_defaults(
+            defaults,
+            n=self.n,
+            # Like vLLM, a request without max_tokens may fill the context.
+            max_tokens=max_model_len - prompt_len if max_tokens is None else max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            logprobs=self.requested_logprobs(),
+        )
+
+
+def check_context_length(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+    """vLLM's checks and wording, which clients and benchmark tools match on."""
+    if max_tokens is None and prompt_len >= max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len} tokens in the messages, Please reduce the length of the messages.",
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+            f"Please reduce the length of the messages or completion.",
+            code="context_length_exceeded",
+        )
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class CompletionLogProbs(OpenAIModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(OpenAIModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's extension: the stop string or token id that ended it
+
+
+class CompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # in a stream: only the last chunk's, with include_usage
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------------
+class ChatMessage(OpenAIModel):
+    """A message as the chat template sees it; fields beyond role and content (name, tool_calls,
+    ...) are kept and handed to the template."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        # max_tokens is OpenAI's deprecated name for max_completion_tokens.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ChatLogProb(OpenAIModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogProbsContent(ChatLogProb):
+    top_logprobs: list[ChatLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(OpenAIModel):
+    content: list[ChatLogProbsContent] | None = None
+
+
+class ChatResponseMessage(OpenAIModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(OpenAIModel):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_changed(self, handler):
+        # A delta names only the fields this chunk adds; OpenAI streams leave the rest out.
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatCompletionStreamChoice(OpenAIModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None

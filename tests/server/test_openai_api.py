@@ -1,0 +1,466 @@
+"""The OpenAI-compatible server, driven over real HTTP by the official `openai` client.
+
+A real uvicorn serves the app on a free loopback port in a background thread. Most tests use a tiny
+random Llama (fast; its word-level tokenizer turns any ids into text "w12 w7 ..."); one checks real
+text with the embedded SmolLM2. After each test the engine must be idle with every KV block free,
+so a request that errs, is aborted or loses its client cannot leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from conftest import make_checkpoint
+from transformers import LlamaConfig
+
+from fp4serve.config import EngineConfig
+from fp4serve.engine.async_engine import AsyncEngine
+from fp4serve.engine.engine import LLMEngine
+from fp4serve.sampling_params import SamplingParams
+from fp4serve.server import build_app
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 512
+MESSAGES = [{"role": "user", "content": "w5 w17 w42 w99"}]
+PROMPT = "w1 w2 w3 w4 w5"
+
+
+class Server:
+    """An app served by uvicorn in a thread; `url` is its /v1 base URL."""
+
+    def __init__(self, engine: LLMEngine, names: list[str], api_key: str | None):
+        self.engine = engine
+        self.async_engine = AsyncEngine(engine)
+        app = build_app(self.async_engine, names, api_key)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        host, port = self._socket.getsockname()
+        self.base = f"http://{host}:{port}"
+        self.url = f"{self.base}/v1"
+        # log_config=None: uvicorn's errors reach the root logger, where the `server` fixture sees them.
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._socket]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=10)
+        self.async_engine.shutdown()
+        self._socket.close()
+
+    def wait_idle(self, timeout: float = 20) -> None:
+        """Until the engine has no request and all KV blocks are free again."""
+        pool = self.engine.block_pool
+        deadline = time.monotonic() + timeout
+        while self.engine.has_unfinished_requests() or self.engine.requests or pool.num_free != pool.num_blocks:
+            assert time.monotonic() < deadline, (
+                f"engine not idle: {len(self.engine.requests)} requests, {pool.num_free}/{pool.num_blocks} blocks free"
+            )
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=299,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    make_checkpoint(path, config)
+    # The model's defaults, which requests that leave a field out must get (vLLM: --generation-config auto).
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 299, "do_sample": False}))
+    engine = LLMEngine(
+        EngineConfig(model=str(path), dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_memory="8MiB")
+    )
+    server = Server(engine, ["tiny", "tiny-alias"], API_KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server(tiny, caplog):
+    yield tiny
+    tiny.wait_idle()  # every test leaves no request and no KV block behind
+    crashes = [
+        r.getMessage()
+        for r in caplog.get_records("call")
+        if r.name.startswith("uvicorn") and r.levelno >= logging.ERROR
+    ]
+    assert not crashes, f"the app raised: {crashes}"
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def stream_text(chunks) -> tuple[str, str | None, openai.types.CompletionUsage | None]:
+    """(joined text, finish_reason, usage) of a completions or chat stream."""
+    text, finish, usage = "", None, None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text += (choice.delta.content or "") if hasattr(choice, "delta") else choice.text
+            finish = choice.finish_reason or finish
+    return text, finish, usage
+
+
+def assert_healthy(server: Server, client: openai.OpenAI) -> None:
+    """A failed request leaves the server serving and the engine empty."""
+    assert httpx.get(f"{server.base}/health").status_code == 200
+    reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length"
+    server.wait_idle()
+
+
+# ---- endpoints ----------------------------------------------------------------------------------
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server.base}/health").status_code == 200  # no key needed
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny", "tiny-alias"]
+    assert models.data[0].max_model_len == MAX_MODEL_LEN
+
+
+def test_completion_stream_equals_non_stream(server, client):
+    args = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**args)
+    choice = whole.choices[0]
+    assert whole.object == "text_completion" and whole.model == "tiny"
+    assert choice.finish_reason == "length" and choice.text
+    assert whole.usage.prompt_tokens == 5  # one word-level token per word, no BOS
+    assert whole.usage.completion_tokens == 24
+    assert whole.usage.total_tokens == 29
+
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text, finish, usage = stream_text(chunks)
+    assert (text, finish) == (choice.text, "length")
+    assert usage == whole.usage
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_stream_equals_non_stream(server, client):
+    args = {
+        "model": "tiny-alias",
+        "messages": MESSAGES,
+        "max_completion_tokens": 20,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    whole = client.chat.completions.create(**args)
+    message = whole.choices[0].message
+    assert whole.object == "chat.completion" and whole.model == "tiny-alias"
+    assert message.role == "assistant" and message.content
+    tokenizer = server.engine.tokenizer
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    prompt_len = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_len, 20)
+
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text, finish, usage = stream_text(chunks)
+    assert (text, finish) == (message.content, "length")
+    assert usage == whole.usage
+
+
+def test_defaults_come_from_generation_config(server, client):
+    # generation_config.json says do_sample=false: a request without temperature is greedy.
+    args = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    greedy = client.completions.create(**args, temperature=0).choices[0].text
+    assert client.completions.create(**args).choices[0].text == greedy
+
+
+def test_stop_strings(server, client):
+    args = {"model": "tiny", "prompt": PROMPT, "max_tokens": 30, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    text = client.completions.create(**args).choices[0].text
+    stop = " " + text.split()[6]  # a word some way into the greedy text
+    cut = text.index(stop)
+
+    stopped = client.completions.create(**args, stop=[stop, "never appears"]).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (text[:cut], "stop")
+    assert stopped.model_extra["stop_reason"] == stop
+    streamed, finish, _ = stream_text(client.completions.create(**args, stop=stop, stream=True))
+    assert (streamed, finish) == (text[:cut], "stop")
+
+    included = client.completions.create(
+        **{**args, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}}, stop=stop
+    )
+    assert included.choices[0].text == text[: cut + len(stop)]
+
+
+def test_seed_reproducibility(server, client):
+    args = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "max_tokens": 24,
+        "temperature": 1.0,
+        "extra_body": {"ignore_eos": True},
+    }
+    first = client.chat.completions.create(**args, seed=1234).choices[0].message.content
+    assert client.chat.completions.create(**args, seed=1234).choices[0].message.content == first
+    assert client.chat.completions.create(**args, seed=4321).choices[0].message.content != first
+
+
+def test_logprobs(server, client):
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.token == entry.top_logprobs[0].token  # greedy: the chosen token is the most likely
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+
+    completion = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert all(len(top) == 2 and max(top.values()) <= 0 for top in logprobs.top_logprobs)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def assert_openai_error(error: openai.APIStatusError, status: int, words: str) -> None:
+    assert error.status_code == status
+    body = error.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert words in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "request_args, status, words",
+    [
+        ({"n": 2}, 400, "n=2"),
+        ({"model": "no-such-model"}, 404, "does not exist"),
+        ({"temperature": -1}, 400, "temperature"),
+        ({"max_tokens": MAX_MODEL_LEN}, 400, f"This model's maximum context length is {MAX_MODEL_LEN} tokens."),
+        ({"logprobs": False, "top_logprobs": 2}, 400, "top_logprobs"),
+    ],
+)
+def test_bad_chat_requests(server, client, request_args, status, words):
+    args = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4} | request_args
+    for stream in (False, True):  # a streamed request fails the same way, before it streams
+        with pytest.raises(openai.APIStatusError) as error:
+            client.chat.completions.create(**args, stream=stream)
+        assert_openai_error(error.value, status, words)
+    assert_healthy(server, client)
+
+
+def test_prompt_longer_than_context(server, client):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="tiny", prompt=" ".join(["w7"] * MAX_MODEL_LEN))
+    assert_openai_error(error.value, 400, f"maximum context length is {MAX_MODEL_LEN} tokens. However, you requested")
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="tiny", prompt=[5, 6, 999], max_tokens=3)  # id outside the vocabulary
+    assert_openai_error(error.value, 400, "out of the vocabulary")
+    assert_healthy(server, client)
+
+
+def test_bad_api_key(server):
+    for key in ("wrong-key", ""):
+        client = openai.OpenAI(base_url=server.url, api_key=key or "x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as error:
+            client.models.list()
+        assert_openai_error(error.value, 401, "API key")
+    response = httpx.post(f"{server.url}/completions", json={"model": "tiny", "prompt": "w1"})  # no header at all
+    assert response.status_code == 401
+
+
+def test_malformed_request_is_openai_400(server, client):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    response = httpx.post(f"{server.url}/chat/completions", json={"model": "tiny"}, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages"
+    response = httpx.post(f"{server.url}/completions", content=b"{not json", headers=headers)
+    assert response.status_code == 400 and "error" in response.json()
+    assert_healthy(server, client)
+
+
+def test_engine_failure_fails_the_request_not_the_server(server, client, monkeypatch):
+    real_step = server.engine.step
+    failing_calls = set()
+    calls = 0
+
+    def step():
+        nonlocal calls
+        calls += 1
+        if calls in failing_calls:
+            raise RuntimeError("simulated kernel failure")
+        return real_step()
+
+    monkeypatch.setattr(server.engine, "step", step)
+    failing_calls.add(calls + 1)  # the request's first step
+    with pytest.raises(openai.InternalServerError) as error:
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+    assert_openai_error(error.value, 500, "simulated kernel failure")
+    assert_healthy(server, client)
+
+    failing_calls.add(calls + 3)  # mid-stream: the status line is sent, so the error comes as an event
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, stream=True)
+    with pytest.raises(openai.APIError, match="simulated kernel failure"):
+        list(stream)
+    assert_healthy(server, client)
+
+
+def test_async_engine_generate(server):
+    """The engine-level contract the server is built on: deltas in order, early exit aborts."""
+    engine = server.async_engine
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    async def collect(request_id: str, stop_after: int | None = None) -> list:
+        outputs = []
+        async for output in engine.generate({"prompt_token_ids": [1, 2, 3]}, params, request_id):
+            outputs.append(output)
+            if len(outputs) == stop_after:
+                break
+        return outputs
+
+    outputs = asyncio.run(collect("whole"))
+    assert len(outputs) == 10 and outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+    assert "".join(o.delta_text for o in outputs) == outputs[-1].outputs[0].text
+    assert [t for o in outputs for t in o.delta_token_ids] == outputs[-1].outputs[0].token_ids
+
+    params.max_tokens = 400
+    assert len(asyncio.run(collect("left-early", stop_after=2))) == 2
+    server.wait_idle()  # closing the generator aborted the request
+
+    async def abort_after_first_output() -> list:
+        outputs = []
+        async for output in engine.generate({"prompt_token_ids": [4, 5]}, params, "aborted"):
+            outputs.append(output)
+            if len(outputs) == 1:
+                await engine.abort("aborted")
+        return outputs
+
+    outputs = asyncio.run(abort_after_first_output())
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "abort"
+    assert len(outputs[-1].outputs[0].token_ids) < 400
+
+
+# ---- aborts and concurrency ---------------------------------------------------------------------
+@pytest.fixture
+def recorded_aborts(server, monkeypatch):
+    """What engine.abort_request returned for each call: an output only if the request was live."""
+    aborts = {}
+    real_abort = server.engine.abort_request
+
+    def abort(request_id):
+        aborts[request_id] = real_abort(request_id)
+        return aborts[request_id]
+
+    monkeypatch.setattr(server.engine, "abort_request", abort)
+    return aborts
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_closed_stream_aborts_the_request(server, client, recorded_aborts, endpoint):
+    args = {"model": "tiny", "max_tokens": 400, "stream": True, "extra_body": {"ignore_eos": True}}
+    if endpoint == "chat":
+        stream = client.chat.completions.create(messages=MESSAGES, **args)
+    else:
+        stream = client.completions.create(prompt=PROMPT, **args)
+    first = next(iter(stream))
+    stream.close()
+    server.wait_idle()
+    assert recorded_aborts[first.id].outputs[0].finish_reason == "abort"
+
+
+def test_client_gone_aborts_non_streaming_request(server, recorded_aborts):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/completions", json=body, headers=headers, timeout=0.3)
+    server.wait_idle()
+    [output] = recorded_aborts.values()
+    assert output.outputs[0].finish_reason == "abort"
+
+
+def test_concurrent_streams_all_complete(server, monkeypatch):
+    peak = 0  # the most requests the engine held at once: they must really have run together
+    real_step = server.engine.step
+
+    def step():
+        nonlocal peak
+        peak = max(peak, len(server.engine.requests))
+        return real_step()
+
+    monkeypatch.setattr(server.engine, "step", step)
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str, int]:
+        stream = await client.completions.create(
+            model="tiny",
+            prompt=f"w{i} w{i + 1}",
+            max_tokens=32,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        text, finish, usage = "", None, None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
+        return text, finish, usage.completion_tokens
+
+    async def all_of_them():
+        async with openai.AsyncOpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    results = asyncio.run(all_of_them())
+    assert [(finish, n) for _, finish, n in results] == [("length", 32)] * 8
+    assert all(len(text.split()) >= 16 for text, _, _ in results)
+    assert peak > 1
+
+
+# ---- real text ----------------------------------------------------------------------------------
+def test_smollm2_answers(smollm2_path):
+    engine = LLMEngine(
+        EngineConfig(model=str(smollm2_path), dtype="float32", max_model_len=256, kv_cache_memory="32MiB")
+    )
+    server = Server(engine, ["smollm2"], api_key=None)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+        args = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+        answer = client.chat.completions.create(**args).choices[0].message.content
+        assert "Paris" in answer
+        streamed, finish, _ = stream_text(client.chat.completions.create(**args, stream=True))
+        assert streamed == answer and finish in ("stop", "length")
+        server.wait_idle()
+    finally:
+        server.stop()
