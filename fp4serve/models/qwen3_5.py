@@ -1,0 +1,161 @@
+"""Qwen3.5 / 3.6 hybrid decoders, dense and MoE (transformers `qwen3_5`, `qwen3_5_moe`).
+
+`layer_types[i]` picks the token mixer of layer i: `linear_attention` (Gated DeltaNet, layers/gdn.py)
+or `full_attention` (gated attention below). All norms are zero-centred, y = x/rms(x) * (1 + w),
+except the GDN output norm. The *ForConditionalGeneration checkpoints nest the language model under
+`model.language_model.` next to the vision tower `model.visual.`; only the text path is served, so
+the tower and the MTP head (`mtp.*`, unless a drafter takes it) are dropped by name, and logged.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fp4serve.forward_batch import ForwardBatch
+from fp4serve.layers.attention import PagedAttention
+from fp4serve.layers.gdn import GatedDeltaNet
+from fp4serve.layers.linear import Linear
+from fp4serve.layers.moe import GatedMLP, SparseMoeBlock, split_fused_experts
+from fp4serve.layers.norm import RMSNorm
+from fp4serve.layers.rotary import RotaryEmbedding
+from fp4serve.models.base import CausalLM
+from fp4serve.models.weights import LoadPlan
+
+# (our fused Linear, checkpoint module, shard). gate/up also covers the shared expert and every expert.
+STACKED = [
+    ("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
+    ("in_proj_qkvz", "in_proj_qkv", 0), ("in_proj_qkvz", "in_proj_z", 1),
+    ("in_proj_ba", "in_proj_b", 0), ("in_proj_ba", "in_proj_a", 1),
+]  # fmt: skip
+
+
+class Qwen3_5Attention(nn.Module):
+    """Full attention with an output gate: q_proj yields, per head, head_dim query values followed
+    by head_dim gate values; q/k get a per-head zero-centred RMSNorm and partial rotary; the attention
+    output is multiplied by sigmoid(gate) before o_proj."""
+
+    def __init__(self, config, dtype: torch.dtype, prefix: str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = config.attention_bias
+        qkv = [2 * q_size, kv_size, kv_size]  # the query part interleaves query and gate per head
+        self.qkv_proj = Linear(config.hidden_size, qkv, bias, dtype, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(q_size, config.hidden_size, bias, dtype, prefix=f"{prefix}.o_proj")
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=True)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=True)
+        rope = config.rope_parameters
+        # Text-only positions give all three mrope sections (t, h, w) the same id, and then the
+        # interleaved mrope layout is plain rope over the rotary dims.
+        rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
+        self.rotary = RotaryEmbedding(self.head_dim, rotary_dim, rope, config.max_position_embeddings)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        T = x.shape[0]
+        q_gate, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
+        q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(q)
+        k = self.k_norm(k.view(T, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary(batch.positions, q, k)
+        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, batch)
+        return self.o_proj(out * torch.sigmoid(gate.reshape(T, -1)))
+
+
+class Qwen3_5DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, moe: bool, prefix: str):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, zero_centered=True)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, zero_centered=True)
+        if self.layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(
+                config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
+                config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
+                eps, dtype, prefix=f"{prefix}.linear_attn",
+            )  # fmt: skip
+        elif self.layer_type == "full_attention":
+            self.self_attn = Qwen3_5Attention(config, dtype, f"{prefix}.self_attn")
+        else:
+            raise ValueError(f"layer {layer_idx}: unknown layer type {self.layer_type!r}")
+        if moe:
+            self.mlp = SparseMoeBlock(
+                config.hidden_size, config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                config.shared_expert_intermediate_size,
+                # transformers' qwen3_5_moe always renormalizes the top-k weights; honour an explicit config flag
+                getattr(config, "norm_topk_prob", True), dtype, f"{prefix}.mlp",
+            )  # fmt: skip
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        h = self.linear_attn(h, batch) if self.layer_type == "linear_attention" else self.self_attn(h, batch)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3_5Model(nn.Module):
+    def __init__(self, config, dtype: torch.dtype, moe: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            Qwen3_5DecoderLayer(config, i, dtype, moe, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=True)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+
+class Qwen3_5ForCausalLM(CausalLM):
+    """Dense Qwen3.5. Also takes a multimodal checkpoint's text part, as transformers does."""
+
+    moe = False
+
+    def __init__(self, config, dtype: torch.dtype, **kwargs):
+        super().__init__(config, dtype, **kwargs)
+        self.model = Qwen3_5Model(config, dtype, self.moe)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, prefix="lm_head")
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(batch)
+
+    def load_plan(self) -> LoadPlan:
+        dropped = {"model.visual.*": "vision tower: text-only serving"}
+        if self.drop_mtp:
+            dropped["mtp.*"] = "MTP head: no speculative decoding"
+        if self.config.tie_word_embeddings:
+            dropped["lm_head.weight"] = "tied to embed_tokens"
+        return LoadPlan(stacked=STACKED, renames=[("model.language_model.", "model.")], dropped=dropped)
+
+
+class Qwen3_5ForConditionalGeneration(Qwen3_5ForCausalLM):
+    """The image-text checkpoint, served text-only. `config` is its text config; note transformers
+    ties lm_head by the top-level config's flag, which config.ModelInfo copies into the text config."""
+
+
+class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
+    """MoE Qwen3.5/3.6: every layer's MLP is a SparseMoeBlock. Loads both expert layouts: per-expert
+    tensors (NVFP4 checkpoints; also what transformers' save_pretrained writes) and fused 3-D tensors
+    (transformers' in-memory state dict)."""
+
+    moe = True
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(split_fused_experts(weights))
+
+
+class Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeForCausalLM):
+    """The MoE image-text checkpoint, served text-only (see Qwen3_5ForConditionalGeneration)."""
