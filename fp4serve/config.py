@@ -18,7 +18,7 @@ def parse_bytes(value: int | str) -> int:
     """'2GiB', '512MiB', '1.5G' or a plain number of bytes."""
     if isinstance(value, int):
         return value
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"cannot parse a size from {value!r} (examples: 2GiB, 512MiB, 1000000)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -54,6 +54,11 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
         self.vocab_size = self.info.text_config.vocab_size
         self.max_model_len = config.max_model_len or self.info.text_config.max_position_embeddings
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                f"with chunked prefill disabled, --max-num-batched-tokens ({config.max_num_batched_tokens}) must be "
+                f">= --max-model-len ({self.max_model_len}), or a long prompt could never be scheduled"
+            )
         self._init_caches()
         self.runner = ModelRunner(self.model, config.block_size, self.device)
         self.requests: dict[str, Request] = {}

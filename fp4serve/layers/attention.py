@@ -63,22 +63,35 @@ def paged_attention_ref(
 
 
 def paged_attention(
-    q, k_cache, v_cache, batch: ForwardBatch, scale: float, causal: bool, sliding_window: int | None = None
+    q, k_new, v_new, k_cache, v_cache, batch: ForwardBatch, scale: float, causal: bool, sliding_window: int | None = None
 ) -> torch.Tensor:
-    """Dispatch: decode rows (one query token each) go through the batched kernel in one call,
-    prefill chunks (few per step, long) through the per-sequence reference."""
+    """Dispatch, every path equal to paged_attention_ref: decode rows (one query token each) go
+    through the batched kernel in one call; a prompt's first chunk attends to its own fresh K/V
+    (k_new/v_new [T, Hkv, D], already written to the cache) without reading the cache back; other
+    chunks go through the reference."""
     if not causal:
         return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal)
     if batch.decode_only:
         return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, sliding_window)
-    decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
-    prefill = [i for i, n in enumerate(batch.query_lens) if n != 1]
     out = torch.empty_like(q)
+    decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
     if decode:
         rows = torch.tensor([batch.query_start[i] for i in decode], device=q.device)
         seqs = torch.tensor(decode, device=q.device)
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, batch.block_tables[seqs], batch.context_lens[seqs], scale, sliding_window)
-    return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal, sliding_window, seqs=prefill, out=out)
+        out[rows] = decode_attention(
+            q[rows], k_cache, v_cache, batch.block_tables[seqs], batch.context_lens[seqs], scale, sliding_window
+        )
+    chunks = []
+    for i, n in enumerate(batch.query_lens):
+        if n == 1:
+            continue
+        if batch.num_computed[i] == 0 and sliding_window is None:
+            rows = batch.seq_rows(i)
+            qi, ki, vi = (t[rows].transpose(0, 1) for t in (q, k_new.to(q.dtype), v_new.to(q.dtype)))
+            out[rows] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+        else:
+            chunks.append(i)
+    return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal, sliding_window, seqs=chunks, out=out)
 
 
 class PagedAttention(nn.Module):
@@ -113,6 +126,8 @@ class PagedAttention(nn.Module):
         """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
-        write_kv(self.k_cache, self.v_cache, k.view(T, self.num_kv_heads, -1), v.view(T, self.num_kv_heads, -1), batch.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, batch, self.scale, self.causal, self.sliding_window)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.causal, self.sliding_window)
         return out.reshape(T, self.num_heads * self.head_dim)

@@ -60,6 +60,19 @@ def _key(prefix: str, name: str, shard: int | None) -> str:
     return f"{prefix}.{name}" + ("" if shard is None else f"#{shard}")
 
 
+def checkpoint_name(key: str, plan: LoadPlan) -> str:
+    """The checkpoint tensor name that fills a parameter key: errors must name tensors the user
+    can find in their files, not our fused parameters."""
+    name, _, shard = key.partition("#")
+    module_path, _, param = name.rpartition(".")
+    if shard:
+        for ours, theirs, index in plan.stacked:
+            if index == int(shard) and module_path.endswith("." + ours):
+                module_path = module_path[: -len(ours)] + theirs
+                break
+    return f"{module_path}.{param}"
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], plan: LoadPlan) -> None:
     modules = dict(model.named_modules())
     filled: set[str] = set()
@@ -84,7 +97,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
                 break
         module = modules.get(module_path)
         if isinstance(module, Linear):
-            module.load(param, tensor, shard)
+            try:
+                module.load(param, tensor, shard)
+            except CheckpointError as e:
+                raise CheckpointError(f"{ckpt_name}: {e}") from e
         elif module is not None and isinstance(getattr(module, param, None), nn.Parameter):
             target = getattr(module, param)
             if target.shape != tensor.shape:
@@ -99,7 +115,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
         filled.add(key)
     for pattern, count in dropped.items():
         log.info("dropped %d checkpoint tensors matching %s (%s)", count, pattern, plan.dropped[pattern])
-    missing = expected_keys(model) - filled
+    missing = {checkpoint_name(key, plan) for key in expected_keys(model) - filled}
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensors (model parameters never loaded): {_listing(missing)}")
