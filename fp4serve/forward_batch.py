@@ -28,6 +28,13 @@ class ForwardBatch:
             starts.append(starts[-1] + n)
         self.query_start = starts
         self.decode_only = all(n == 1 for n in self.query_lens)
+        self._memo: dict = {}
+
+    def memo(self, key, compute):
+        """Per-step values every layer would otherwise recompute (rotary cos/sin, gather indices)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def num_seqs(self) -> int:

@@ -2,30 +2,60 @@
 
 Decode steps dominate serving, and looping over 32 sequences per layer costs more in Python than
 the math. Rows are gathered into a padded [B, Hkv, max_ctx, D] view with a length mask. Plain
-matmuls in fp32 rather than SDPA: torch's CPU SDPA kernel is tuned for long queries and is ~4x
-slower for one-token queries in bf16. Tested against layers.attention.paged_attention_ref."""
+matmuls rather than SDPA: torch's CPU SDPA kernel is tuned for long queries and is ~4x slower for
+one-token queries in bf16. Tested against layers.attention.paged_attention_ref."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# Up to this many sequences torch's SDPA is fastest (its transposes are tiny); beyond, its CPU
+# kernel, tuned for long queries, falls behind per-KV-head batched matmuls by 3-8x.
+SDPA_MAX_BATCH = 4
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None) -> torch.Tensor:
-    """q [B, H, D], one query per sequence at its last context position -> [B, H, D]."""
+def gather_plan(block_tables, context_lens, block_size: int, sliding_window=None, dtype=torch.float32):
+    """The blocks [B * n] holding each sequence's context (whole blocks: copying 16 tokens at a
+    time is cheaper than token slots), and an additive mask [B, 1, n * block_size] (0, or -inf for
+    padding and out-of-window positions). The same for every layer of a step."""
+    num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
+    blocks = block_tables[:, :num_blocks].contiguous()
+    pos = torch.arange(num_blocks * block_size, device=block_tables.device)
+    hidden = pos[None, :] >= context_lens[:, None]
+    if sliding_window is not None:
+        hidden |= pos[None, :] <= context_lens[:, None] - 1 - sliding_window
+    bias = torch.zeros(hidden.shape, dtype=dtype, device=block_tables.device).masked_fill_(hidden, float("-inf"))
+    return blocks.view(-1), bias[:, None, :]
+
+
+def decode_attention(
+    q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None, plan=None
+) -> torch.Tensor:
+    """q [B, H, D], one query per sequence at its last context position -> [B, H, D].
+    `plan` is gather_plan(...) for these arguments, when the caller caches it across layers."""
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
-    block_size = k_cache.shape[1]
-    max_ctx = int(context_lens.max())
-    pos = torch.arange(max_ctx, device=q.device)
-    slots = block_tables[:, pos // block_size] * block_size + pos % block_size  # [B, max_ctx]
-    # index_select, not advanced indexing: the latter is ~30x slower on CPU for this gather.
-    flat = slots.view(-1)
-    k = k_cache.view(-1, Hkv, D).index_select(0, flat).view(B, max_ctx, Hkv, D).transpose(1, 2).float()
-    v = v_cache.view(-1, Hkv, D).index_select(0, flat).view(B, max_ctx, Hkv, D).transpose(1, 2).float()
-    visible = pos[None, :] < context_lens[:, None]
-    if sliding_window is not None:
-        visible &= pos[None, :] > context_lens[:, None] - 1 - sliding_window
-    qg = q.float().view(B, Hkv, H // Hkv, D)  # query heads grouped by the KV head they share
-    scores = (qg @ k.transpose(-1, -2)) * scale  # [B, Hkv, group, max_ctx]
-    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v  # [B, Hkv, group, D]
-    return out.view(B, H, D).to(q.dtype)
+    group = H // Hkv
+    blocks, bias = plan or gather_plan(block_tables, context_lens, k_cache.shape[1], sliding_window, q.dtype)
+    max_ctx = bias.shape[-1]
+    if B <= SDPA_MAX_BATCH:
+        # index_select, not advanced indexing: the latter is much slower on CPU for this gather.
+        k = k_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
+        v = v_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
+        mask = bias[:, None]  # [B, 1, 1, ctx]
+        o = F.scaled_dot_product_attention(
+            q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return o[:, :, 0]
+    qg = q.view(B, Hkv, group, D)  # query heads grouped by the KV head they share
+    out = torch.empty(Hkv, B, group, D, dtype=q.dtype, device=q.device)
+    # One KV head at a time, gathered straight into a contiguous [B, ctx, D]: bmm on strided
+    # multi-head views, or a [B, Hkv, ctx, D] transpose, would copy the whole context again.
+    for h in range(Hkv):
+        k = k_cache[:, :, h].index_select(0, blocks).view(B, max_ctx, D).to(q.dtype)
+        v = v_cache[:, :, h].index_select(0, blocks).view(B, max_ctx, D).to(q.dtype)
+        # Scores in the model dtype, softmax in fp32, as transformers' eager attention does.
+        scores = torch.baddbmm(bias, qg[:, h], k.transpose(1, 2), alpha=scale)  # [B, group, ctx]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        torch.bmm(probs, v, out=out[h])
+    return out.permute(1, 0, 2, 3).reshape(B, H, D)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
-from fp4serve.kernels.paged_attention import decode_attention
+from fp4serve.kernels.paged_attention import decode_attention, gather_plan
 from fp4serve.layers.cache_spec import KVCacheSpec
 
 
@@ -72,7 +72,11 @@ def paged_attention(
     if not causal:
         return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal)
     if batch.decode_only:
-        return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, sliding_window)
+        plan = batch.memo(
+            ("decode_gather", sliding_window, q.dtype),
+            lambda: gather_plan(batch.block_tables, batch.context_lens, batch.block_size, sliding_window, q.dtype),
+        )
+        return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, sliding_window, plan)
     out = torch.empty_like(q)
     decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
     if decode:

@@ -15,7 +15,7 @@ from fp4serve.errors import CheckpointError
 class LinearMethod:
     """Weight format of a Linear. Subclasses: plain (here), NVFP4 formats (quantization)."""
 
-    def create_weights(self, layer: "Linear", dtype: torch.dtype) -> None:
+    def create_weights(self, layer: "Linear", dtype: torch.dtype, device=None) -> None:
         raise NotImplementedError
 
     def tensor_names(self, layer: "Linear") -> list[str]:
@@ -32,8 +32,9 @@ class LinearMethod:
 class PlainLinearMethod(LinearMethod):
     """Unquantized weights in the model dtype."""
 
-    def create_weights(self, layer, dtype):
-        layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features, dtype=dtype), requires_grad=False)
+    def create_weights(self, layer, dtype, device=None):
+        weight = torch.empty(layer.out_features, layer.in_features, dtype=dtype, device=device)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
 
     def tensor_names(self, layer):
         return ["weight"]
@@ -60,6 +61,7 @@ class Linear(nn.Module):
         dtype: torch.dtype = torch.float32,
         method: LinearMethod | None = None,
         prefix: str = "",
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
@@ -68,7 +70,7 @@ class Linear(nn.Module):
         self.prefix = prefix
         self.method = method or PlainLinearMethod()
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.method.create_weights(self, dtype)
+        self.method.create_weights(self, dtype, device)
 
     def shard_rows(self, shard: int | None) -> slice:
         if shard is None:

@@ -80,6 +80,7 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim
         inv_freq, self.scale = rope_inv_freq(rotary_dim, rope_parameters, max_position)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.memo_key = ("rope", rotary_dim, self.scale, tuple(inv_freq.tolist()))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, rotary_dim] cos and sin, computed in fp32 then cast, exactly as transformers does."""
@@ -87,9 +88,10 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D] -> rotated copies."""
-        cos, sin = self.cos_sin(positions, q.dtype)
+    def forward(self, batch, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hk, D] at batch.positions -> rotated copies. Layers with equal rotary
+        settings share the step's cos/sin."""
+        cos, sin = batch.memo((self.memo_key, q.dtype), lambda: self.cos_sin(batch.positions, q.dtype))
         cos, sin = cos[:, None, :], sin[:, None, :]
         return self._apply(q, cos, sin), self._apply(k, cos, sin)
 

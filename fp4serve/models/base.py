@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
+from fp4serve.layers.linear import Linear
 from fp4serve.models.weights import LoadPlan, load_weights
 
 
@@ -20,20 +21,29 @@ class CausalLM(nn.Module):
         self.dtype = dtype
         self.drop_mtp = drop_mtp
 
+    def make_lm_head(self) -> None:
+        """Tied heads share the embedding matrix, bound at load time; build them on the meta
+        device so no vocab x hidden buffer is allocated just to be replaced."""
+        config = self.config
+        device = "meta" if config.tie_word_embeddings else None
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=self.dtype, prefix="lm_head", device=device)
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in fp32 for the given rows of hidden states [N, H] -> [N, V]."""
-        if self.config.tie_word_embeddings:
-            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
     def load_plan(self) -> LoadPlan:
         raise NotImplementedError
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_weights(self, weights, self.load_plan())
+        plan = self.load_plan()
+        if self.config.tie_word_embeddings:
+            plan.dropped.setdefault("lm_head.weight", "tied to embed_tokens")
+            plan.tied["lm_head.weight"] = "model.embed_tokens.weight"
+        load_weights(self, weights, plan)
 
     def cache_layers(self) -> list[nn.Module]:
         """Modules that need engine-allocated cache (attention KV, GDN state), in model order."""

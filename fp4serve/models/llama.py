@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(batch.positions, q, k)
+        q, k = self.rotary(batch, q, k)
         return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, batch))
 
 
@@ -105,17 +105,13 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(config, dtype, **kwargs)
         qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         self.model = LlamaModel(config, dtype, qkv_bias, self.qk_norm)
-        if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, prefix="lm_head")
+        self.make_lm_head()
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)
 
     def load_plan(self) -> LoadPlan:
-        dropped = {"model.rotary_emb.*": "buffers recomputed at load"}
-        if self.config.tie_word_embeddings:
-            dropped["lm_head.weight"] = "tied to embed_tokens"
-        return LoadPlan(stacked=FUSED, dropped=dropped)
+        return LoadPlan(stacked=FUSED, dropped={"model.rotary_emb.*": "buffers recomputed at load"})
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

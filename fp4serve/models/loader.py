@@ -8,6 +8,7 @@ import torch
 
 from fp4serve.config import ModelInfo
 from fp4serve.formats.safetensors_io import iter_tensors
+from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ def load_model(info: ModelInfo, dtype: torch.dtype, device: torch.device):
         torch.set_default_dtype(previous)
     model.load_weights(iter_tensors(info.path))
     model.eval()
+    if packing_available(dtype, device):
+        log.info("packed %d bf16 Linear weights for oneDNN", pack_model_linears(model))
     params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s (%s, %.1fM parameters, %s) in %.1f s",

@@ -62,7 +62,7 @@ class Qwen3_5Attention(nn.Module):
         q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = self.q_norm(q)
         k = self.k_norm(k.view(T, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary(batch.positions, q, k)
+        q, k = self.rotary(batch, q, k)
         out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, batch)
         return self.o_proj(out * torch.sigmoid(gate.reshape(T, -1)))
 
@@ -126,8 +126,7 @@ class Qwen3_5ForCausalLM(CausalLM):
     def __init__(self, config, dtype: torch.dtype, **kwargs):
         super().__init__(config, dtype, **kwargs)
         self.model = Qwen3_5Model(config, dtype, self.moe)
-        if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, prefix="lm_head")
+        self.make_lm_head()
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)
@@ -136,8 +135,6 @@ class Qwen3_5ForCausalLM(CausalLM):
         dropped = {"model.visual.*": "vision tower: text-only serving"}
         if self.drop_mtp:
             dropped["mtp.*"] = "MTP head: no speculative decoding"
-        if self.config.tie_word_embeddings:
-            dropped["lm_head.weight"] = "tied to embed_tokens"
         return LoadPlan(stacked=STACKED, renames=[("model.language_model.", "model.")], dropped=dropped)
 
 

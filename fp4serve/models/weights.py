@@ -31,6 +31,8 @@ class LoadPlan:
     renames: list[tuple[str, str]] = field(default_factory=list)
     # fnmatch patterns of tensors dropped on purpose, with a reason for the log
     dropped: dict[str, str] = field(default_factory=dict)
+    # parameter -> the parameter it shares storage with (tied embeddings): "lm_head.weight" -> ...
+    tied: dict[str, str] = field(default_factory=dict)
 
 
 def _listing(names: Iterable[str]) -> str:
@@ -113,6 +115,11 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
         if key in filled:
             raise CheckpointError(f"{ckpt_name}: appears twice in the checkpoint")
         filled.add(key)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for target, source in plan.tied.items():
+        module_path, _, param = target.rpartition(".")
+        setattr(modules[module_path], param, params[source])
+        filled.add(_key(module_path, param, None))
     for pattern, count in dropped.items():
         log.info("dropped %d checkpoint tensors matching %s (%s)", count, pattern, plan.dropped[pattern])
     missing = {checkpoint_name(key, plan) for key in expected_keys(model) - filled}

@@ -136,7 +136,8 @@ def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 def test_checkpoint_layout(pair):
     hf, harness = pair
-    assert hasattr(harness.model, "lm_head") != hf.config.tie_word_embeddings
+    tied = harness.model.lm_head.weight is harness.model.model.embed_tokens.weight
+    assert tied == hf.config.tie_word_embeddings
     rotary = next(m.self_attn.rotary for m in harness.model.model.layers if m.layer_type == "full_attention")
     assert rotary.rotary_dim == int(16 * hf.config.get_text_config().rope_parameters["partial_rotary_factor"])
 
