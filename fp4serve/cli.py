@@ -120,10 +120,11 @@ def cmd_convert_gguf(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp4serve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server", parents=[common])
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -131,20 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", default=None, help="model names clients may use")
     serve.set_defaults(func=cmd_serve)
 
-    gen = sub.add_parser("generate", help="complete prompts given as arguments or lines on stdin")
+    gen = sub.add_parser("generate", help="complete prompts given as arguments or lines on stdin", parents=[common])
     add_engine_args(gen)
     sampling_args(gen)
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read lines from stdin")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    chat = sub.add_parser("chat", help="interactive chat in the terminal", parents=[common])
     add_engine_args(chat)
     sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=cmd_chat)
 
-    conv = sub.add_parser("convert-gguf", help="convert a GGUF file into a Hugging Face model directory")
+    conv = sub.add_parser("convert-gguf", help="convert a GGUF file into a Hugging Face model directory", parents=[common])
     conv.add_argument("gguf_file")
     conv.add_argument("out_dir")
     conv.set_defaults(func=cmd_convert_gguf)
