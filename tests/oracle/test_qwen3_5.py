@@ -258,3 +258,21 @@ def test_llm_generate_matches_transformers(pair):
         assert len(tokens) == 32
         choices = _reference(hf, p + tokens[:-1])[len(p) - 1 :].argmax(-1).tolist()
         assert tokens == choices
+
+
+def test_preemption_restores_gdn_state(pair):
+    """A cache too small for all 8 sequences forces preemption by recompute: the preempted
+    sequences lose their KV blocks and GDN state slot and rebuild both; the tokens must not change."""
+    hf, harness = pair
+    prompts = [_prompt(n, 200 + i) for i, n in enumerate([20, 31, 9, 40, 15, 27, 5, 36])]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    roomy = LLM(str(harness.path), dtype="float32", kv_cache_memory="4MiB", max_model_len=128, max_num_seqs=8)
+    expected = [o.outputs[0].token_ids for o in roomy.generate([{"prompt_token_ids": p} for p in prompts], greedy)]
+    capacity = roomy.engine.capacity
+    tight = capacity.state_bytes + capacity.kv_bytes_per_token * 160  # 160 tokens of KV for ~380 needed
+    llm = LLM(str(harness.path), dtype="float32", kv_cache_memory=tight, max_model_len=128, max_num_seqs=8)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.engine.block_pool.num_free == llm.engine.block_pool.num_blocks
+    assert sorted(llm.engine.scheduler.free_slots) == list(range(8))
