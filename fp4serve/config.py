@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fp4serve.errors import ConfigError
+from fp4serve.errors import ConfigError, UnsupportedModelError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32, "float": torch.float32}  # fmt: skip
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30}  # fmt: skip
@@ -89,6 +89,12 @@ class ModelInfo:
             hf_config = AutoConfig.from_pretrained(str(path))
         except (ValueError, KeyError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}/config.json: {e}") from e
+        quantization = dict(getattr(hf_config, "quantization_config", None) or {})
+        if quantization or (path / "hf_quant_config.json").exists():
+            method = quantization.get("quant_method", "modelopt")
+            raise UnsupportedModelError(
+                f"{path} is a quantized checkpoint (quant_method {method!r}); quantized weights are not supported yet"
+            )
         text_config = hf_config.get_text_config()
         if text_config is not hf_config:
             # transformers ties a multimodal model's lm_head by the top-level flag; the text config's own

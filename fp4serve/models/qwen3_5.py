@@ -132,7 +132,11 @@ class Qwen3_5ForCausalLM(CausalLM):
         return self.model(batch)
 
     def load_plan(self) -> LoadPlan:
-        dropped = {"model.visual.*": "vision tower: text-only serving"}
+        dropped = {
+            "model.visual.*": "vision tower: text-only serving",
+            # Some hand-converted checkpoints nest the vision tower inside the language model.
+            "model.language_model.visual.*": "vision tower (nested under language_model): text-only serving",
+        }
         if self.drop_mtp:
             dropped["mtp.*"] = "MTP head: no speculative decoding"
         return LoadPlan(stacked=STACKED, renames=[("model.language_model.", "model.")], dropped=dropped)

@@ -377,6 +377,14 @@ def test_missing_architectures(checkpoint, tmp_path):
     assert "LlamaForCausalLM" in msg
 
 
+def test_quantized_checkpoint_is_refused_up_front(checkpoint, tmp_path):
+    """Not a wall of 'unexpected weight_scale' names: one message saying what the checkpoint is."""
+    dst = edit_config(checkpoint[0], tmp_path / "ckpt",
+                      quantization_config={"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"})  # fmt: skip
+    msg = load_error(dst, UnsupportedModelError)
+    assert "quantized checkpoint" in msg and "compressed-tensors" in msg
+
+
 def test_model_path_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a directory"):
         LLM(str(tmp_path / "nowhere"))
