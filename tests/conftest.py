@@ -63,6 +63,10 @@ def llama_family_configs() -> dict:
         ),  # fmt: skip
         "qwen2-bias": Qwen2Config(**common, tie_word_embeddings=False),
         "qwen3-qknorm": Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
+        "qwen2-sliding": Qwen2Config(
+            **common, tie_word_embeddings=False, use_sliding_window=True, sliding_window=8, max_window_layers=1
+        ),
+        "llama-linear-rope": LlamaConfig(**common, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
         "llama-yarn": LlamaConfig(
             **common, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                        "original_max_position_embeddings": 128},

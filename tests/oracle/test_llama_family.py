@@ -7,7 +7,7 @@ import torch
 from fp4serve import LLM, SamplingParams
 from fp4serve.engine.request import Request
 
-NAMES = ["llama-tied", "llama3-rope-untied", "qwen2-bias", "qwen3-qknorm", "llama-yarn"]
+NAMES = ["llama-tied", "llama3-rope-untied", "qwen2-bias", "qwen3-qknorm", "llama-yarn", "qwen2-sliding", "llama-linear-rope"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
