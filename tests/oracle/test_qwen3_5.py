@@ -129,7 +129,7 @@ def _reference(hf, tokens: list[int]) -> torch.Tensor:
         return hf(input_ids=torch.tensor([tokens])).logits[0].float()
 
 
-def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     err = (ours - ref).abs().max().item()
     assert err < ATOL, f"max |logit diff| {err:.2e}"
 
@@ -147,7 +147,7 @@ def test_whole_prefill(pair):
     harness.scramble_states()
     tokens = _prompt(70, 1)  # > 64: two chunks of the chunked delta rule
     (logits,) = harness.step([(0, tokens, 0)])
-    _close(logits, _reference(hf, tokens))
+    assert_logits_close(logits, _reference(hf, tokens))
 
 
 def test_chunked_prefill_carries_state(pair):
@@ -155,7 +155,7 @@ def test_chunked_prefill_carries_state(pair):
     harness.scramble_states()
     tokens = _prompt(45, 2)
     pieces = [harness.step([(1, tokens[s : s + 7], s)])[0] for s in range(0, len(tokens), 7)]
-    _close(torch.cat(pieces), _reference(hf, tokens))
+    assert_logits_close(torch.cat(pieces), _reference(hf, tokens))
 
 
 def test_two_sequences_in_one_batch(pair):
@@ -163,8 +163,8 @@ def test_two_sequences_in_one_batch(pair):
     harness.scramble_states()
     a, b = _prompt(33, 3), _prompt(12, 4)
     logits_a, logits_b = harness.step([(2, a, 0), (0, b, 0)])
-    _close(logits_a, _reference(hf, a))
-    _close(logits_b, _reference(hf, b))
+    assert_logits_close(logits_a, _reference(hf, a))
+    assert_logits_close(logits_b, _reference(hf, b))
 
 
 def test_mixed_prefill_and_decode_steps(pair):
@@ -182,7 +182,7 @@ def test_mixed_prefill_and_decode_steps(pair):
         for (slot, _, _), logits in zip(work, harness.step(work)):
             got[slot].append(logits)
     for slot, tokens in ((0, a), (1, b), (3, c)):
-        _close(torch.cat(got[slot]), _reference(hf, tokens))
+        assert_logits_close(torch.cat(got[slot]), _reference(hf, tokens))
 
 
 def test_greedy_decode_matches_generate(pair):
@@ -208,7 +208,7 @@ def test_greedy_decode_matches_generate(pair):
             tokens[i].append(int(x.argmax()))
     for i, (ref_tokens, ref_logits) in enumerate(refs):
         assert tokens[i] == ref_tokens
-        _close(torch.cat([s[i] for s in steps]), ref_logits)
+        assert_logits_close(torch.cat([s[i] for s in steps]), ref_logits)
 
 
 def test_moe_block_both_layouts_match_transformers():
