@@ -30,7 +30,6 @@ class EngineConfig:
 
     model: str | None = None  # None: the embedded default model
     tokenizer: str | None = None
-    served_model_name: list[str] | str | None = None
     dtype: str = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -186,8 +185,6 @@ class LLMEngine:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
         if request.status.finished and not detok.stopped:
             delta += detok.flush()
-        if request.first_token_time is None and added:
-            request.first_token_time = time.monotonic()
         if request.status.finished:
             return self._finish_output(request, delta, added, logprobs)
         return self._output(request, delta, added, logprobs)

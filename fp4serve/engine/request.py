@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +29,6 @@ class Request:
     params: SamplingParams
     max_total_tokens: int  # prompt + output may not exceed this (max_model_len)
     generator: torch.Generator | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose KV / state is in the caches
@@ -40,7 +38,6 @@ class Request:
     state_slot: int | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     num_preemptions: int = 0
-    first_token_time: float | None = None
     logprobs: list | None = None  # TokenLogprobs per output token when params.logprobs is set
 
     def __post_init__(self):
