@@ -24,7 +24,7 @@ def token_slice(request: Request, start: int, end: int) -> list[int]:
 @dataclass
 class StepOutput:
     hidden: torch.Tensor  # [T, H] every scheduled token
-    logits: torch.Tensor  # [N, V] float32, the rows listed in sample_rows
+    logits: torch.Tensor  # [N, V] in the model dtype, the rows listed in sample_rows
     sample_rows: list[int]  # index into plan.scheduled of each logits row
 
 

@@ -32,8 +32,9 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in fp32 for the given rows of hidden states [N, H] -> [N, V]."""
-        return self.lm_head(hidden).float()
+        """Logits for the given rows of hidden states [N, H] -> [N, V], in the model dtype (the
+        sampler works on an fp32 copy; converting here too would copy [N, V] twice per step)."""
+        return self.lm_head(hidden)
 
     def load_plan(self) -> LoadPlan:
         raise NotImplementedError
