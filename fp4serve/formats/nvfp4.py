@@ -6,7 +6,7 @@ Plain torch, no model knowledge. The numbers follow NVIDIA ModelOpt (REFERENCE.m
 - the whole tensor shares one float32 global scale ``g = amax / (6 * 448)`` (ModelOpt's
   ``weight_scale_2``, a multiplier); compressed-tensors stores its reciprocal,
   ``weight_global_scale = 1 / g`` (a divisor): see `to_ct_global_scale` / `from_ct_global_scale`;
-- block scale ``s_b = fp8_e4m3(amax_b / (6 * g))``, saturated at 448;
+- block scale ``s_b = fp8_e4m3(amax_b / 6 / g)``, saturated at 448;
 - element code = sign bit (bit 3) | index of ``|x| / (s_b * g)`` rounded half-to-even onto the
   E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} (index 0..7), saturating at 6;
 - two codes per byte, the first (even-index) element in the low nibble;
@@ -21,10 +21,12 @@ Where ModelOpt and compressed-tensors (the test oracle) differ, this module pick
   are the same (all magnitude 0), and so is the dequantized tensor: zeros.
 - An all-zero tensor gets global scale 1.0 (ModelOpt would divide 0 by 0). compressed-tensors'
   ``generate_gparam`` also falls back to 1.0 there.
-- The arithmetic is ModelOpt's: ``amax_b / (6 * g)`` and ``x / (s_b * g)``. compressed-tensors
+- The arithmetic is ModelOpt's: ``amax_b / 6 / g`` and ``x / (s_b * g)``. compressed-tensors
   computes ``(amax_b / 6) * gs`` and ``x / (s_b / gs)`` with ``gs = 1 / g``; in float32 the two
-  can differ in the last bit, which can move a value sitting exactly on a rounding boundary. With a
-  power-of-two global scale both are exact and agree bit for bit.
+  can differ in the last bit, and each then breaks a value sitting exactly on a rounding midpoint
+  its own way. That is rare for float32 weights but common for bf16/fp16 ones, whose short
+  mantissas make exact midpoints frequent (~0.05% of codes differ by one step on a bf16 Gaussian).
+  With a power-of-two global scale both are exact and agree bit for bit.
 - Rounding is round-half-to-even in both (ties 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2,
   3.5->4, 5->4), and the sign bit is set for ``x < 0`` in both, so a negative value that rounds
   to zero is code 8 (-0) while an input of -0.0 is code 0.
@@ -158,7 +160,7 @@ def quantize_nvfp4(x: Tensor, global_scale: float | Tensor | None = None) -> NVF
 
     # torch's cast to float8_e4m3fn turns values beyond 448 into NaN rather than saturating, so
     # clamp first (a caller-supplied global scale can be smaller than this tensor needs).
-    block_scale = (block_amax / (E2M1_MAX * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+    block_scale = (block_amax / E2M1_MAX / g).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
     block_scale = torch.where(block_scale == 0, 1.0, block_scale)
 
     scaled = blocks / (block_scale * g).unsqueeze(-1)
