@@ -38,10 +38,10 @@ def decode_attention(
     group = H // Hkv
     blocks, bias = plan or gather_plan(block_tables, context_lens, k_cache.shape[1], sliding_window, q.dtype)
     max_ctx = bias.shape[-1]
+    # index_select, not advanced indexing: the latter is much slower on CPU for this gather.
+    k = k_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
+    v = v_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
     if B <= SDPA_MAX_BATCH:
-        # index_select, not advanced indexing: the latter is much slower on CPU for this gather.
-        k = k_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
-        v = v_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
         mask = bias[:, None]  # [B, 1, 1, ctx]
         o = F.scaled_dot_product_attention(
             q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
@@ -49,13 +49,11 @@ def decode_attention(
         return o[:, :, 0]
     qg = q.view(B, Hkv, group, D)  # query heads grouped by the KV head they share
     out = torch.empty(Hkv, B, group, D, dtype=q.dtype, device=q.device)
-    # One KV head at a time, gathered straight into a contiguous [B, ctx, D]: bmm on strided
-    # multi-head views, or a [B, Hkv, ctx, D] transpose, would copy the whole context again.
+    # One KV head at a time: k[:, :, h] is a strided [B, ctx, D] view that bmm reads in place,
+    # where a [B, Hkv, ctx, D] transpose would first copy the whole gathered context.
     for h in range(Hkv):
-        k = k_cache[:, :, h].index_select(0, blocks).view(B, max_ctx, D).to(q.dtype)
-        v = v_cache[:, :, h].index_select(0, blocks).view(B, max_ctx, D).to(q.dtype)
         # Scores in the model dtype, softmax in fp32, as transformers' eager attention does.
-        scores = torch.baddbmm(bias, qg[:, h], k.transpose(1, 2), alpha=scale)  # [B, group, ctx]
+        scores = torch.baddbmm(bias, qg[:, h], k[:, :, h].transpose(1, 2), alpha=scale)  # [B, group, ctx]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        torch.bmm(probs, v, out=out[h])
+        torch.bmm(probs, v[:, :, h], out=out[h])
     return out.permute(1, 0, 2, 3).reshape(B, H, D)

@@ -1,5 +1,6 @@
 """RMSNorm, in the two flavours the supported models use."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,4 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(init(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.zero_centered)
+        if self.zero_centered:
+            return rms_norm(x, self.weight, self.eps, True)
+        # torch's fused op: one kernel instead of seven. Equal to rms_norm in fp32; in 16-bit it
+        # rounds once at the end where transformers rounds before the weight multiply.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

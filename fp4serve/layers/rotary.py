@@ -88,15 +88,27 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
-    def forward(self, batch, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D] at batch.positions -> rotated copies. Layers with equal rotary
-        settings share the step's cos/sin."""
-        cos, sin = batch.memo((self.memo_key, q.dtype), lambda: self.cos_sin(batch.positions, q.dtype))
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+    def _tables(self, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's cos and sign-folded sin [T, 1, rotary_dim], shared by layers with equal
+        settings. rotate_half(x) * sin == roll(x, half) * (sin with its first half negated),
+        exactly: one roll replaces rotate_half's chunk, neg and cat."""
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        def compute():
+            cos, sin = self.cos_sin(batch.positions, dtype)
+            sin = torch.cat((-sin[:, : self.rotary_dim // 2], sin[:, self.rotary_dim // 2 :]), dim=-1)
+            return cos[:, None, :], sin[:, None, :]
+
+        return batch.memo((self.memo_key, dtype), compute)
+
+    def rotate(self, batch, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] at batch.positions -> a rotated copy. q and k heads may come in one
+        tensor: they share positions and tables."""
+        cos, sin = self._tables(batch, x.dtype)
         if self.rotary_dim == self.head_dim:
-            return x * cos + rotate_half(x) * sin
+            return x * cos + x.roll(self.rotary_dim // 2, dims=-1) * sin
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+        return torch.cat((rot * cos + rot.roll(self.rotary_dim // 2, dims=-1) * sin, rest), dim=-1)
+
+    def forward(self, batch, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hk, D] at batch.positions -> rotated copies."""
+        return self.rotate(batch, q), self.rotate(batch, k)

@@ -46,12 +46,16 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size, _ = self.qkv_proj.output_sizes
+        v = qkv[:, q_size + kv_size :]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(batch, q, k)
+            q = self.q_norm(qkv[:, :q_size].view(T, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, q_size : q_size + kv_size].view(T, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary(batch, q, k)
+        else:  # q and k heads sit side by side in qkv: rotate them in one pass
+            qk = self.rotary.rotate(batch, qkv[:, : q_size + kv_size].view(T, -1, self.head_dim))
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, batch))
 
 
