@@ -8,6 +8,7 @@ from fp4serve.engine.engine import LLMEngine
 from fp4serve.errors import InvalidRequestError
 from fp4serve.outputs import RequestOutput
 from fp4serve.sampling_params import SamplingParams
+from fp4serve.tokenizer import chat_prompt_ids
 
 
 class LLM:
@@ -68,14 +69,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, messages, chat_template_kwargs=None, add_generation_prompt=True, tools=None) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if tokenizer.chat_template is None:
-            raise InvalidRequestError("this model has no chat template; pass --chat-template or use generate()")
-        text = tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
-        )
-        # The template already wrote the special tokens (vLLM tokenizes chat prompts the same way).
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return chat_prompt_ids(self.engine.tokenizer, messages, add_generation_prompt, chat_template_kwargs, tools)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from fp4serve.errors import ConfigError
+from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.sampling_params import GENERATION_CONFIG_FIELDS
 
 log = logging.getLogger(__name__)
@@ -52,3 +52,23 @@ def eos_token_ids(tokenizer, generation_config: dict) -> frozenset[int]:
     eos = generation_config.get("eos_token_id")
     ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return frozenset(ids)
+
+
+def chat_prompt_ids(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+    tools: list[dict] | None = None,
+) -> list[int]:  # fmt: skip
+    """Render a conversation with the model's chat template and tokenize it, as vLLM does: the
+    template writes the special tokens itself, so none are added on top."""
+    import jinja2
+
+    if tokenizer.chat_template is None:
+        raise InvalidRequestError("this model has no chat template; pass --chat-template")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
+        )  # fmt: skip
+    except jinja2.TemplateError as e:  # e.g. a template that insists on alternating roles
+        raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
+    return tokenizer(text, add_special_tokens=False).input_ids

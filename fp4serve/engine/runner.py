@@ -49,9 +49,7 @@ class ModelRunner:
             tables.append(blocks)
             state_slots.append(request.state_slot if request.state_slot is not None else 0)
         width = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

@@ -7,8 +7,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import jinja2
-
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
 from fp4serve.engine.sampler import TokenLogprobs
 from fp4serve.errors import InvalidRequestError
@@ -28,6 +26,7 @@ from fp4serve.server.protocol import (
     UsageInfo,
     sse_events,
 )
+from fp4serve.tokenizer import chat_prompt_ids
 
 
 async def create_chat_completion(
@@ -57,20 +56,11 @@ async def create_chat_completion(
 
 
 def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
-    if tokenizer.chat_template is None:
-        raise InvalidRequestError("this model has no chat template; start the server with --chat-template")
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in request.messages]
     try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=request.add_generation_prompt,
-            **(request.chat_template_kwargs or {}),
-        )
-    except jinja2.TemplateError as e:  # e.g. a template that insists on alternating roles
-        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
-    # The template wrote the special tokens already; vLLM tokenizes chat prompts the same way.
-    return tokenizer(text, add_special_tokens=False).input_ids
+        return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs)
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), param="messages") from e
 
 
 def _template_message(message: dict) -> dict:
