@@ -11,6 +11,8 @@ import torch
 from fp4serve.errors import ConfigError, UnsupportedModelError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32, "float": torch.float32}  # fmt: skip
+QUANTIZATIONS = (None, "modelopt", "compressed-tensors", "nvfp4")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30}  # fmt: skip
 
 
@@ -45,6 +47,10 @@ class EngineConfig:
     language_model_only: bool = True
     trust_remote_code: bool = False  # accepted for vLLM compatibility; we never run remote code
     num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
+    quantization: str | None = None  # None: detect from the files; modelopt | compressed-tensors | nvfp4 (on the fly)
+    nvfp4_compute: str = "auto"  # auto (w4a16) | w4a16 | w4a4 (activations quantize-dequantized per 16-block)
+    kv_cache_dtype: str = "auto"  # auto (model dtype) | bfloat16 | fp8 | fp8_e4m3 | nvfp4
+    speculative_config: dict | str | None = None  # vLLM's --speculative-config JSON
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -58,6 +64,19 @@ class EngineConfig:
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose auto, {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization {self.quantization!r}: choose {', '.join(q for q in QUANTIZATIONS if q)}")
+        if self.nvfp4_compute not in ("auto", "w4a16", "w4a4"):
+            raise ConfigError(f"--nvfp4-compute {self.nvfp4_compute!r}: choose auto, w4a16, w4a4")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: choose {', '.join(KV_CACHE_DTYPES)}")
+        if isinstance(self.speculative_config, str):
+            try:
+                self.speculative_config = json.loads(self.speculative_config)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--speculative-config is not valid JSON: {e}") from e
+        if self.speculative_config is not None and not isinstance(self.speculative_config, dict):
+            raise ConfigError("--speculative-config must be a JSON object, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 3}'")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")

@@ -20,6 +20,7 @@ from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sampling_params import SamplingParams
+from fp4serve.spec.metrics import SpecDecodingStats
 from fp4serve.tokenizer import eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
+        self.spec_stats: SpecDecodingStats | None = None  # set when a speculative config is active
 
     def _init_caches(self) -> None:
         config = self.config

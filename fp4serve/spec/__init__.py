@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers (n-gram, MTP, DFlash), lossless verification, acceptance metrics."""
