@@ -64,26 +64,28 @@ class LLMEngine:
                 f"with chunked prefill disabled, --max-num-batched-tokens ({config.max_num_batched_tokens}) must be "
                 f">= --max-model-len ({self.max_model_len}), or a long prompt could never be scheduled"
             )
-        self._init_caches()
-        self.runner = ModelRunner(self.model, config.block_size, self.device)
-        self.requests: dict[str, Request] = {}
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.prompts: dict[str, str | None] = {}
-        self._ids = itertools.count()
         # Speculative decoding: counters read by the server's /metrics and LLM.get_metrics().
         self.spec_stats: SpecDecodingStats | None = None
         self.proposer = None
         if self.spec_config is not None:
             from fp4serve.spec.proposer import make_proposer
 
-            self.proposer = make_proposer(self.spec_config, self)
+            self.proposer = make_proposer(self.spec_config, self)  # before the caches: drafters have KV too
             self.spec_stats = SpecDecodingStats(self.spec_config.num_speculative_tokens)
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
+        self._init_caches()
+        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.prompts: dict[str, str | None] = {}
+        self._ids = itertools.count()
 
     def _init_caches(self) -> None:
         config = self.config
         layers = self.model.cache_layers()
+        if self.proposer is not None and hasattr(self.proposer, "cache_layers"):
+            layers += self.proposer.cache_layers()  # drafter KV: same blocks and block tables as the target's
         hybrid = any(isinstance(m.cache_spec(), StateSpec) for m in layers)
         capacity = allocate_caches(
             layers, config.max_num_seqs if hybrid else 0, config.kv_cache_memory, config.block_size, self.dtype, self.device
@@ -179,6 +181,7 @@ class LLMEngine:
             for r in requests
         ]
         new_tokens: list[list[int]] = [[] for _ in plan.scheduled]
+        num_accepted = [0] * len(plan.scheduled)
         if self.proposer is None:
             sampled = sample(step.logits, rows)
             token_lists = [[t] for t in sampled.token_ids]
@@ -187,7 +190,6 @@ class LLMEngine:
             drafts = [plan.scheduled[i].draft_token_ids for i in step.sample_rows]
             verified = verify(step.logits, rows, drafts)
             token_lists, logprob_lists = verified.token_ids, verified.logprobs
-            num_accepted = [0] * len(plan.scheduled)
             for i, draft, accepted in zip(step.sample_rows, drafts, verified.num_accepted):
                 num_accepted[i] = accepted
                 self.spec_stats.observe(len(draft), accepted)
@@ -201,13 +203,14 @@ class LLMEngine:
             added = request.output_token_ids[before[request.request_id] :]
             outputs.append(self._emit(request, added, logprobs[: len(added)] if logprobs is not None else None))
         if self.proposer is not None:
-            self._propose(plan, step)
+            self._propose(plan, step, num_accepted)
             self._spec_logger.maybe_log()
         return outputs
 
-    def _propose(self, plan, step) -> None:
+    def _propose(self, plan, step, num_accepted: list[int]) -> None:
         """Draft tokens for every running request whose next step is a decode (all its tokens but
-        the last computed), at most as many as its remaining length allows."""
+        the last computed), at most as many as its remaining length allows. Model drafters also
+        see the whole step (plan, runner output, accepted counts) to keep their own caches."""
         requests, limits = [], []
         for item in plan.scheduled:
             request = item.request
@@ -218,9 +221,9 @@ class LLMEngine:
                 limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
             requests.append(request)
             limits.append(max(limit, 0))
-        if requests:
-            for request, draft in zip(requests, self.proposer.propose(requests, limits, plan, step)):
-                request.draft_token_ids = draft
+        drafts = self.proposer.propose(requests, limits, plan, step, num_accepted)
+        for request, draft in zip(requests, drafts):
+            request.draft_token_ids = draft
 
     def _emit(self, request: Request, added: list[int], logprobs) -> RequestOutput:
         detok = self.detokenizers[request.request_id]

@@ -26,6 +26,7 @@ class StepOutput:
     hidden: torch.Tensor  # [T, H] every scheduled token
     logits: torch.Tensor  # [sum(1 + k_i), V] in the model dtype: for each of sample_rows, 1 + its drafts rows
     sample_rows: list[int]  # index into plan.scheduled of each request that samples
+    batch: ForwardBatch  # what the model ran (model drafters reuse its positions and KV slots)
 
 
 class ModelRunner:
@@ -71,9 +72,10 @@ class ModelRunner:
         hidden = self.model(batch)
         sample_rows = [i for i, item in enumerate(plan.scheduled) if item.samples]
         # A verified request needs logits at its last token and at each draft (1 + k rows).
-        rows = [r for i in sample_rows for r in range(batch.query_start[i + 1] - 1 - plan.scheduled[i].num_drafts, batch.query_start[i + 1])]
+        ends = [batch.query_start[i + 1] for i in sample_rows]
+        rows = [r for i, end in zip(sample_rows, ends) for r in range(end - 1 - plan.scheduled[i].num_drafts, end)]
         logits = self.model.compute_logits(hidden[rows])
-        return StepOutput(hidden, logits, sample_rows)
+        return StepOutput(hidden, logits, sample_rows, batch)
 
     def keep_accepted_state(self, plan: SchedulerPlan, num_accepted: list[int]) -> None:
         """After verification: layers with per-sequence state (GDN) go back to the state after

@@ -120,6 +120,11 @@ class Scheduler:
             budget -= n
         return SchedulerPlan(scheduled, preempted)
 
+    def reserve(self, request: Request, num_tokens: int) -> bool:
+        """Make a running request's blocks cover `num_tokens` positions now, if blocks are free (a
+        drafter writing its own KV ahead of the next step); False, holding nothing new, if not."""
+        return self._grow(request, num_tokens)
+
     def _blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 

@@ -43,6 +43,34 @@ class SpecDecodingStats:
         return [n / self.num_drafts if self.num_drafts else 0.0 for n in self.accepted_per_position]
 
 
+@dataclass
+class Counter:
+    """One counter, shaped like vllm.v1.metrics.reader.Counter (what vLLM's LLM.get_metrics() returns)."""
+
+    name: str
+    value: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Vector:
+    """A counter per position, shaped like vllm.v1.metrics.reader.Vector."""
+
+    name: str
+    values: list[int]
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def spec_decode_metrics(stats: SpecDecodingStats) -> list[Counter | Vector]:
+    """The counters under vLLM's metric names (Prometheus adds `_total` to the counters)."""
+    return [
+        Counter("vllm:spec_decode_num_drafts", stats.num_drafts),
+        Counter("vllm:spec_decode_num_draft_tokens", stats.num_draft_tokens),
+        Counter("vllm:spec_decode_num_accepted_tokens", stats.num_accepted_tokens),
+        Vector("vllm:spec_decode_num_accepted_tokens_per_pos", list(stats.accepted_per_position)),
+    ]
+
+
 class SpecDecodingLogger:
     """Logs the counters' change over each interval, in the shape of vLLM's line:
     mean acceptance length, acceptance rate, per-position rates, accepted and drafted tokens."""

@@ -13,7 +13,7 @@ class NgramProposer:
     def __init__(self, k: int, min_n: int, max_n: int, max_window: int = 4096):
         self.k, self.min_n, self.max_n, self.max_window = k, min_n, max_n, max_window
 
-    def propose(self, requests, limits: list[int], plan=None, step=None) -> list[list[int]]:
+    def propose(self, requests, limits: list[int], plan=None, step=None, num_accepted=None) -> list[list[int]]:
         """The engine's proposer call: drafts for each request, at most limits[i] tokens."""
         return [self.lookup(r.all_token_ids, k) for r, k in zip(requests, limits)]
 
