@@ -96,12 +96,13 @@ def make_dflash_drafter(
     head_dim: int = 16,
     intermediate_size: int = 80,
     rope_theta: float = 10000.0,
+    is_causal: bool | None = None,
     extra: dict | None = None,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """A z-lab DFlashDraftModel directory for `target` (its text config): config.json with
     architectures, block_size, num_target_layers, dflash_config{mask_token_id, target_layer_ids}
-    (+ `extra` entries), optional layer_types/sliding_window; model.safetensors with REFERENCE.md
+    (+ `extra` entries), optional layer_types/sliding_window/is_causal; model.safetensors with REFERENCE.md
     s.6's tensors, no `model.` prefix. Returns the tensors."""
     H = target.hidden_size
     layer_ids = target_layer_ids if target_layer_ids is not None else default_target_layer_ids(
@@ -118,6 +119,8 @@ def make_dflash_drafter(
     config.architectures = ["DFlashDraftModel"]
     config.block_size = block_size
     config.num_target_layers = target.num_hidden_layers
+    if is_causal is not None:  # z-lab: overrides every layer's causality (sliding layers default causal)
+        config.is_causal = is_causal
     config.dflash_config = {
         "mask_token_id": target.vocab_size - 1 if mask_token_id is None else mask_token_id,
         "target_layer_ids": layer_ids,
