@@ -18,7 +18,7 @@ Use (the engine allocates the KV of `cache_layers()` from the same pool and bloc
 target's attention layers; the block tables must already cover position last + k - 1):
     mtp = Qwen3_5MTP(target)                       # a loaded Qwen3_5*ForCausalLM
     mtp.load_weights(iter_mtp_tensors(target_path))  # strict over mtp.*; the target loads with drop_mtp=True
-    drafts = mtp.propose(batch, shifted_ids, target_hidden, k)   # [num_seqs, k] greedy drafts
+    drafts = mtp.propose(batch, shifted_ids, target_hidden, k, last_rows)   # list per sequence
 """
 from __future__ import annotations
 
@@ -95,27 +95,41 @@ class Qwen3_5MTP(nn.Module):
         batch: ForwardBatch,
         input_ids: torch.Tensor,
         target_hidden: torch.Tensor,
-        num_tokens: int,
+        num_tokens: int | list[int],
         last_rows: list[int] | None = None,
-    ) -> torch.Tensor:
-        """Greedy drafts [num_seqs, num_tokens]. The first pass covers every row of `batch` (writing
-        the MTP's K/V for them); each sequence drafts from its row `last_rows[i]` (default: its last
-        row; after a partial acceptance, the last accepted row). Later passes reuse the layer on its
-        own output, one row per sequence."""
+    ) -> list[list[int]]:
+        """Greedy drafts per sequence of `batch`: num_tokens[i] of them (an int: the same for all; 0:
+        none). The first pass covers every row of `batch` (writing the MTP's K/V for all of them);
+        sequence i drafts from its row last_rows[i] (default: its last row; after a partial
+        acceptance, the last accepted one). Later passes reuse the layer on its own output, one row
+        per sequence still drafting, at the next positions of its block table."""
+        n = batch.num_seqs
+        counts = [num_tokens] * n if isinstance(num_tokens, int) else list(num_tokens)
         if last_rows is None:
-            last_rows = [batch.query_start[i + 1] - 1 for i in range(batch.num_seqs)]
-        rows = torch.tensor(last_rows, device=input_ids.device)
-        hidden = self(batch, input_ids, target_hidden)[rows]
+            last_rows = [batch.query_start[i + 1] - 1 for i in range(n)]
+        hidden = self(batch, input_ids, target_hidden)
+        drafts: list[list[int]] = [[] for _ in range(n)]
+        seqs = [i for i in range(n) if counts[i] > 0]
+        if not seqs:
+            return drafts
+        device = input_ids.device
+        rows = torch.tensor([last_rows[i] for i in seqs], device=device)
+        hidden, positions = hidden[rows], batch.positions[rows]
         tokens = self.compute_logits(hidden).argmax(dim=-1)
-        drafts = [tokens]
-        positions = batch.positions[rows]
-        for step in range(1, num_tokens):
-            positions = positions + 1
-            step_batch = one_token_batch(batch, positions)
-            hidden = self(step_batch, tokens, hidden, step)
+        step = 1
+        while True:
+            for i, token in zip(seqs, tokens.tolist()):
+                drafts[i].append(token)
+            keep = [j for j, i in enumerate(seqs) if counts[i] > step]
+            if not keep:
+                return drafts
+            seqs = [seqs[j] for j in keep]
+            keep_t = torch.tensor(keep, device=device)
+            positions = positions[keep_t] + 1
+            step_batch = one_token_batch(batch.block_tables[torch.tensor(seqs, device=device)], positions, batch.block_size)
+            hidden = self(step_batch, tokens[keep_t], hidden[keep_t], step)
             tokens = self.compute_logits(hidden).argmax(dim=-1)
-            drafts.append(tokens)
-        return torch.stack(drafts, dim=1)
+            step += 1
 
     def cache_layers(self) -> list[nn.Module]:
         """Attention layers whose KV the engine allocates (same spec type as the target's)."""
@@ -132,21 +146,19 @@ class Qwen3_5MTP(nn.Module):
         load_weights(self, mtp_weights, LoadPlan(stacked=STACKED))
 
 
-def one_token_batch(batch: ForwardBatch, positions: torch.Tensor) -> ForwardBatch:
-    """A decode batch of one row per sequence of `batch` at `positions` [num_seqs], same block tables."""
-    bs = batch.block_size
-    seqs = torch.arange(batch.num_seqs, device=positions.device)
-    slots = batch.block_tables[seqs, positions // bs] * bs + positions % bs
+def one_token_batch(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> ForwardBatch:
+    """A decode batch of one row per sequence at `positions` [N], KV slots from `block_tables` [N, W]."""
+    seqs = torch.arange(positions.shape[0], device=positions.device)
     return ForwardBatch(
-        input_ids=positions.new_zeros(batch.num_seqs),  # layers read ids from the caller, not from here
+        input_ids=positions.new_zeros(positions.shape[0]),  # the head reads ids from its caller
         positions=positions,
-        query_lens=[1] * batch.num_seqs,
+        query_lens=[1] * positions.shape[0],
         num_computed=positions.tolist(),
-        slot_mapping=slots,
-        block_tables=batch.block_tables,
+        slot_mapping=block_tables[seqs, positions // block_size] * block_size + positions % block_size,
+        block_tables=block_tables,
         context_lens=positions + 1,
-        state_slots=batch.state_slots,
-        block_size=bs,
+        state_slots=torch.zeros_like(positions),
+        block_size=block_size,
     )
 
 

@@ -122,10 +122,11 @@ def test_chunked_batched_forward_matches_transformers(pair):
 
 
 def test_draft_rounds_with_partial_acceptance(pair):
-    """Prefill, then rounds of: k = 3 drafts; verification rows P..P+k where only the first a+1 are
-    committed (the rest carry junk tokens and hidden states, as rejected drafts would) and the MTP's
-    first pass covers all of them; drafts from the last committed row. Each round's drafts and every
-    pass's hidden states equal the reference over the committed history only."""
+    """Prefill, then rounds of: up to k = 3 drafts (a different count per sequence); verification
+    rows P..P+k where only the first a+1 are committed (the rest carry junk tokens and hidden states,
+    as rejected drafts would) and the MTP's first pass covers all of them; drafts from the last
+    committed row. Each round's drafts and every pass's hidden states equal the reference over the
+    committed history only."""
     hf, mtp, _, _ = pair
     k = 3
     truth = {0: _tokens(48, 3), 1: _tokens(48, 4)}
@@ -136,7 +137,8 @@ def test_draft_rounds_with_partial_acceptance(pair):
     gen = torch.Generator().manual_seed(5)
     try:
         work = [(s, 0, committed[s]) for s in truth]
-        for _ in range(4):
+        for round_index in range(4):
+            counts = [k, round_index % (k + 1)]  # the second sequence drafts 0, 1, 2, 3 tokens
             batch = make_batch(work)
             ids, feats, last_rows = [], [], []
             for i, (s, start, n) in enumerate(work):
@@ -147,15 +149,20 @@ def test_draft_rounds_with_partial_acceptance(pair):
                 feats += [hidden[s][start : start + good], torch.randn(junk, hidden[s].shape[1], generator=gen)]
                 last_rows.append(batch.query_start[i] + good - 1)
             passes.clear()
-            drafts = mtp.propose(batch, torch.cat(ids), torch.cat(feats), k, last_rows)
+            drafts = mtp.propose(batch, torch.cat(ids), torch.cat(feats), counts, last_rows)
             for i, (s, start, _) in enumerate(work):
                 n_done = committed[s]
-                ref_drafts, ref_outs = reference_drafts(hf, truth[s][1 : n_done + 1], hidden[s][:n_done], k)
-                assert drafts[i].tolist() == ref_drafts
                 ref_rows = reference(hf, truth[s][1 : n_done + 1], hidden[s][:n_done])[start:n_done]
                 torch.testing.assert_close(passes[0][batch.seq_rows(i)][: n_done - start], ref_rows, atol=ATOL, rtol=0)
-                for j in range(1, k):
-                    torch.testing.assert_close(passes[j][i], ref_outs[j], atol=ATOL, rtol=0)
+                if counts[i] == 0:
+                    assert drafts[i] == []
+                    continue
+                ref_drafts, ref_outs = reference_drafts(hf, truth[s][1 : n_done + 1], hidden[s][:n_done], counts[i])
+                assert drafts[i] == ref_drafts
+                for j in range(1, counts[i]):
+                    row = [x for x in range(len(work)) if counts[x] > j].index(i)
+                    torch.testing.assert_close(passes[j][row], ref_outs[j], atol=ATOL, rtol=0)
+            assert len(passes) == max(counts)
             # verification of [token P, k drafts] at positions P..P+k; accept a random a of the k
             work = []
             for s in truth:
