@@ -43,13 +43,11 @@ def _randomize(module: nn.Module) -> None:
 
 def hf_mtp_head(config, moe: bool) -> nn.Module:
     """The MTP head in transformers modules, with REFERENCE.md s.5's names."""
-    if moe:
-        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import (
-            Qwen3_5MoeDecoderLayer as Layer,
-            Qwen3_5MoeRMSNorm as Norm,
-        )
-    else:
-        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer as Layer, Qwen3_5RMSNorm as Norm
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as dense
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as sparse
+
+    Layer = sparse.Qwen3_5MoeDecoderLayer if moe else dense.Qwen3_5DecoderLayer
+    Norm = sparse.Qwen3_5MoeRMSNorm if moe else dense.Qwen3_5RMSNorm
     hidden, eps = config.hidden_size, config.rms_norm_eps
     full = config.layer_types.index("full_attention")  # a decoder layer built as full attention
     mtp = nn.Module()

@@ -33,12 +33,13 @@ from torch import nn
 
 from fp4serve.errors import CheckpointError, ConfigError, UnsupportedModelError
 from fp4serve.formats.safetensors_io import iter_tensors
+from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.cache_spec import KVCacheSpec
 from fp4serve.layers.linear import Linear
 from fp4serve.layers.norm import RMSNorm
-from fp4serve.layers.rotary import RotaryEmbedding
+from fp4serve.layers.rotary import RotaryEmbedding, rotate_half
 from fp4serve.models.llama import LlamaMLP, head_dim_of
-from fp4serve.models.mtp import TargetModules
+from fp4serve.models.mtp import TargetModules, built_like
 from fp4serve.models.weights import LoadPlan, load_weights
 
 STACKED = [("kv_proj", "k_proj", 0), ("kv_proj", "v_proj", 1),
@@ -120,8 +121,7 @@ class DFlashAttention(nn.Module):
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(positions.reshape(-1), x.dtype)
         cos, sin = cos.view(*positions.shape, 1, -1), sin.view(*positions.shape, 1, -1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return x * cos + rotate_half(x) * sin
 
     def _kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.kv_proj(x).split(self.kv_proj.output_sizes, dim=-1)
@@ -173,20 +173,24 @@ class DFlashDraftModel(nn.Module):
         self.output_multiplier = float(draft_value(config, "output_multiplier", 1.0))
         self.logit_softcap = draft_value(config, "final_logit_softcapping")
         hidden = config.hidden_size
-        self.fc = Linear(len(self.target_layer_ids) * hidden, hidden, dtype=dtype, prefix="fc")
-        self.hidden_norm = RMSNorm(hidden, config.rms_norm_eps)
-        self.layers = nn.ModuleList(
-            DFlashDecoderLayer(config, i, dtype, f"layers.{i}") for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        with built_like(target):
+            self.fc = Linear(len(self.target_layer_ids) * hidden, hidden, dtype=dtype, prefix="fc")
+            self.hidden_norm = RMSNorm(hidden, config.rms_norm_eps)
+            self.layers = nn.ModuleList(
+                DFlashDecoderLayer(config, i, dtype, f"layers.{i}") for i in range(config.num_hidden_layers)
+            )
+            self.norm = RMSNorm(hidden, config.rms_norm_eps)
 
     @classmethod
-    def load(cls, path: str | Path, target, dtype: torch.dtype) -> "DFlashDraftModel":
-        """Read a z-lab drafter directory, check it fits `target`, build, load strictly."""
+    def load(cls, path: str | Path, target, dtype: torch.dtype) -> DFlashDraftModel:
+        """Read a z-lab drafter directory, check it fits `target`, build, load strictly, pack for
+        oneDNN where the target's linears are packed."""
         config = read_config(Path(path))
         check_fits_target(config, target.config)
         model = cls(config, target, dtype)
         model.load_weights(iter_tensors(path))
+        if packing_available(dtype, target.model.embed_tokens.weight.device):
+            pack_model_linears(model)
         return model.eval()
 
     def load_weights(self, weights) -> None:

@@ -15,14 +15,14 @@ step's output h' and draft token. Rows written at positions past the committed l
 attention reads only positions < context_lens, and the next step's first MTP pass rewrites them.
 
 Use (the engine allocates the KV of `cache_layers()` from the same pool and block tables as the
-target's attention layers; the block tables must already cover position last + k - 1):
-    mtp = Qwen3_5MTP(target)                       # a loaded Qwen3_5*ForCausalLM
-    mtp.load_weights(iter_mtp_tensors(target_path))  # strict over mtp.*; the target loads with drop_mtp=True
+target's attention layers; block tables must already cover (last row's position) + k - 1):
+    mtp = Qwen3_5MTP.load(target, target_path)     # target: a loaded Qwen3_5*ForCausalLM (drop_mtp=True)
     drafts = mtp.propose(batch, shifted_ids, target_hidden, k, last_rows)   # list per sequence
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from torch import nn
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.safetensors_io import weight_files
 from fp4serve.forward_batch import ForwardBatch
+from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.linear import Linear
 from fp4serve.layers.moe import split_fused_experts
 from fp4serve.layers.norm import RMSNorm
@@ -47,6 +48,19 @@ class TargetModules:
 
     embed_tokens: nn.Embedding
     lm_head: Linear
+
+
+@contextmanager
+def built_like(target) -> Iterator[None]:
+    """Parameters created without an explicit dtype or device (norm weights) take the target's, as
+    models/loader.py builds the target; fp32 buffers (rotary inv_freq) stay fp32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(target.dtype)
+    try:
+        with torch.device(target.model.embed_tokens.weight.device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class MultiTokenPredictor(nn.Module):
@@ -76,7 +90,18 @@ class Qwen3_5MTP(nn.Module):
         self.config = target.config
         self.dtype = target.dtype
         self.target = TargetModules(target.model.embed_tokens, target.lm_head)
-        self.mtp = MultiTokenPredictor(target.config, target.dtype, target.moe)
+        with built_like(target):
+            self.mtp = MultiTokenPredictor(target.config, target.dtype, target.moe)
+
+    @classmethod
+    def load(cls, target, model_dir: str | Path) -> Qwen3_5MTP:
+        """Build for `target`, load the `mtp.*` tensors of its checkpoint strictly, pack for oneDNN
+        where the target's linears are packed."""
+        head = cls(target)
+        head.load_weights(iter_mtp_tensors(model_dir))
+        if packing_available(target.dtype, target.model.embed_tokens.weight.device):
+            pack_model_linears(head)
+        return head.eval()
 
     def forward(self, batch: ForwardBatch, input_ids: torch.Tensor, target_hidden: torch.Tensor, step: int = 0):
         """One MTP pass over the rows of `batch` (positions, KV slots, block tables):
@@ -168,7 +193,7 @@ def iter_mtp_tensors(model_dir: str | Path) -> Iterable[tuple[str, torch.Tensor]
     for path in weight_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
-                names = [name for name in f.keys() if name.startswith("mtp.")]
+                names = [name for name in f.keys() if name.startswith("mtp.")]  # noqa: SIM118 (safe_open has no __iter__)
                 for name in names:
                     yield name, f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types; name the file

@@ -234,3 +234,25 @@ def test_malformed_drafter_directories(target, tmp_path):
     edit_config(tmp_path / "c", dflash_config={"target_layer_ids": [1, 2]})
     with pytest.raises(CheckpointError, match="mask_token_id"):
         DFlashDraftModel.load(tmp_path / "c", ours, torch.float32)
+
+
+def test_bf16_drafter_built_like_the_target(target, tmp_path):
+    """For a bf16 target loaded as the engine loads it: every drafter parameter in bf16, and its
+    block hidden states agree with the fp32 reference to bf16 precision."""
+    from fp4serve.models.loader import load_model
+
+    hf, _ = target
+    ckpt = tmp_path / "target"
+    make_mtp_target(ckpt)
+    bf16_target = load_model(ModelInfo.load(ckpt), torch.bfloat16, torch.device("cpu"))
+    tensors = make_dflash_drafter(tmp_path / "drafter", hf.config, **DRAFTERS["causal-sliding"])
+    drafter = DFlashDraftModel.load(tmp_path / "drafter", bf16_target, torch.bfloat16)
+    assert {p.dtype for p in drafter.parameters()} == {torch.bfloat16}
+    allocate_caches(drafter.cache_layers(), 1, 2**22, BLOCK, torch.bfloat16, torch.device("cpu"))
+    features = torch.randn(20, drafter.fc.in_features, generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(20)
+    drafter.write_context(features, positions, _slots(0, positions))
+    with torch.inference_mode():
+        ours = drafter(torch.tensor([5]), torch.tensor([20]), torch.arange(MAX_BLOCKS)[None])[0].float()
+    ref = Reference(tmp_path / "drafter", tensors, hf).hidden(features, 5)
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()

@@ -181,7 +181,7 @@ def _weights(path, drop=(), add=None):
 
 
 def test_strict_loading(pair):
-    hf, mtp, path, target = pair
+    _, _, path, target = pair
     fresh = Qwen3_5MTP(target)
     with pytest.raises(CheckpointError, match="no mtp"):
         fresh.load_weights((n, t) for n, t in iter_tensors(path) if not n.startswith("mtp."))
@@ -197,7 +197,7 @@ def test_strict_loading(pair):
 
 def test_fused_expert_layout_loads_the_same(pair):
     """transformers' in-memory state dict (fused 3-D experts) loads into the same parameters."""
-    hf, mtp, path, target = pair
+    hf, mtp, _, target = pair
     fused = {f"mtp.{k}": v for k, v in hf.mtp.state_dict().items()}
     if not any("experts.gate_up_proj" in k for k in fused):
         pytest.skip("dense head: no experts")
@@ -205,3 +205,22 @@ def test_fused_expert_layout_loads_the_same(pair):
     other.load_weights(fused.items())
     for (name, a), (_, b) in zip(mtp.named_parameters(), other.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_bf16_head_built_like_the_target(pair):
+    """Built for a bf16 target loaded as the engine loads it (oneDNN-packed where available): every
+    parameter in bf16, and the head agrees with the fp32 one to bf16 precision."""
+    from fp4serve.models.loader import load_model
+
+    hf, _, path, _ = pair
+    target = load_model(ModelInfo.load(path), torch.bfloat16, torch.device("cpu"))
+    head = Qwen3_5MTP.load(target, path)
+    assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
+    allocate_caches(head.cache_layers(), 1, 2**22, BLOCK, torch.bfloat16, torch.device("cpu"))
+    tokens = _tokens(30, 9)
+    hidden = target_hidden(hf, tokens)
+    batch = make_batch([(0, 0, 29)])
+    with torch.inference_mode():
+        ours = head(batch, torch.tensor(tokens[1:]), hidden[:-1].bfloat16()).float()
+    ref = reference(hf, tokens[1:], hidden[:-1])
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
