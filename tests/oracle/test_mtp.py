@@ -8,6 +8,8 @@ through rounds of draft -> partial acceptance -> draft, where rejected rows were
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from spec_checkpoints import VOCAB, make_mtp_target
@@ -35,7 +37,10 @@ def pair(request, tmp_path_factory):
     mtp = Qwen3_5MTP(target)
     mtp.load_weights(iter_mtp_tensors(path))
     allocate_caches(mtp.cache_layers(), 2, 2**22, BLOCK, torch.float32, torch.device("cpu"))
-    return hf, mtp, path, target
+    # two committed histories and the target's hidden states over them (a prefix's are a prefix)
+    tokens = {s: _tokens(48, s) for s in (0, 1)}
+    hidden = {s: target_hidden(hf, t) for s, t in tokens.items()}
+    return SimpleNamespace(hf=hf, mtp=mtp, path=path, target=target, tokens=tokens, hidden=hidden)
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -60,11 +65,12 @@ def reference(hf, tokens: list[int], hidden: torch.Tensor) -> torch.Tensor:
     return m.norm(x)[0]
 
 
-def reference_drafts(hf, tokens: list[int], hidden: torch.Tensor, k: int) -> tuple[list[int], list[torch.Tensor]]:
-    """k greedy drafts after rows (tokens, hidden), reusing the layer on its own output."""
+def reference_drafts(hf, tokens: list[int], hidden: torch.Tensor, k: int, first=None) -> tuple[list[int], list]:
+    """k greedy drafts after rows (tokens, hidden), reusing the layer on its own output; `first`:
+    reference(hf, tokens, hidden) when the caller has it."""
     drafts, outs = [], []
-    for _ in range(k):
-        out = reference(hf, tokens, hidden)[-1]
+    for i in range(k):
+        out = (first if i == 0 and first is not None else reference(hf, tokens, hidden))[-1]
         outs.append(out)
         with torch.inference_mode():
             drafts.append(int(hf.lm_head(out).argmax()))
@@ -90,7 +96,7 @@ def make_batch(work: list[tuple[int, int, int]]) -> ForwardBatch:
 
 
 def test_head_layout(pair):
-    hf, mtp, path, target = pair
+    hf, mtp, path, target = pair.hf, pair.mtp, pair.path, pair.target
     names = [n for n, _ in iter_mtp_tensors(path)]
     assert all(n.startswith("mtp.") for n in names)
     if not hasattr(hf.config, "num_experts"):
@@ -101,9 +107,9 @@ def test_head_layout(pair):
 
 def test_chunked_batched_forward_matches_transformers(pair):
     """Two sequences, rows fed in 7-row chunks beside each other: every row equals the reference."""
-    hf, mtp, _, _ = pair
-    seqs = {0: _tokens(46, 1), 1: _tokens(20, 2)}
-    hidden = {s: target_hidden(hf, t) for s, t in seqs.items()}
+    hf, mtp = pair.hf, pair.mtp
+    seqs = {0: pair.tokens[0][:46], 1: pair.tokens[1][:20]}
+    hidden = {s: pair.hidden[s][: len(t)] for s, t in seqs.items()}
     got = {0: [], 1: []}
     for start in range(0, 45, 7):
         work = [(s, start, min(7, len(t) - 1 - start)) for s, t in seqs.items() if start < len(t) - 1]
@@ -127,18 +133,17 @@ def test_draft_rounds_with_partial_acceptance(pair):
     as rejected drafts would) and the MTP's first pass covers all of them; drafts from the last
     committed row. Each round's drafts and every pass's hidden states equal the reference over the
     committed history only."""
-    hf, mtp, _, _ = pair
+    hf, mtp = pair.hf, pair.mtp
     k = 3
-    truth = {0: _tokens(48, 3), 1: _tokens(48, 4)}
-    hidden = {s: target_hidden(hf, t) for s, t in truth.items()}
+    truth, hidden = pair.tokens, pair.hidden
     committed = {0: 13, 1: 6}  # rows 0..P-1 computed; the MTP sees token P (just sampled) as row P-1's id
     passes: list[torch.Tensor] = []
     hook = mtp.mtp.norm.register_forward_hook(lambda mod, args, out: passes.append(out))
     gen = torch.Generator().manual_seed(5)
     try:
         work = [(s, 0, committed[s]) for s in truth]
-        for round_index in range(4):
-            counts = [k, round_index % (k + 1)]  # the second sequence drafts 0, 1, 2, 3 tokens
+        for round_index in range(3):
+            counts = [k, round_index]  # the second sequence drafts 0, 1, 2 tokens
             batch = make_batch(work)
             ids, feats, last_rows = [], [], []
             for i, (s, start, n) in enumerate(work):
@@ -152,12 +157,14 @@ def test_draft_rounds_with_partial_acceptance(pair):
             drafts = mtp.propose(batch, torch.cat(ids), torch.cat(feats), counts, last_rows)
             for i, (s, start, _) in enumerate(work):
                 n_done = committed[s]
-                ref_rows = reference(hf, truth[s][1 : n_done + 1], hidden[s][:n_done])[start:n_done]
-                torch.testing.assert_close(passes[0][batch.seq_rows(i)][: n_done - start], ref_rows, atol=ATOL, rtol=0)
+                first = reference(hf, truth[s][1 : n_done + 1], hidden[s][:n_done])
+                torch.testing.assert_close(passes[0][batch.seq_rows(i)][: n_done - start], first[start:], atol=ATOL, rtol=0)
                 if counts[i] == 0:
                     assert drafts[i] == []
                     continue
-                ref_drafts, ref_outs = reference_drafts(hf, truth[s][1 : n_done + 1], hidden[s][:n_done], counts[i])
+                ref_drafts, ref_outs = reference_drafts(
+                    hf, truth[s][1 : n_done + 1], hidden[s][:n_done], counts[i], first
+                )  # fmt: skip
                 assert drafts[i] == ref_drafts
                 for j in range(1, counts[i]):
                     row = [x for x in range(len(work)) if counts[x] > j].index(i)
@@ -181,7 +188,7 @@ def _weights(path, drop=(), add=None):
 
 
 def test_strict_loading(pair):
-    _, _, path, target = pair
+    path, target = pair.path, pair.target
     fresh = Qwen3_5MTP(target)
     with pytest.raises(CheckpointError, match="no mtp"):
         fresh.load_weights((n, t) for n, t in iter_tensors(path) if not n.startswith("mtp."))
@@ -197,7 +204,7 @@ def test_strict_loading(pair):
 
 def test_fused_expert_layout_loads_the_same(pair):
     """transformers' in-memory state dict (fused 3-D experts) loads into the same parameters."""
-    hf, mtp, _, target = pair
+    hf, mtp, target = pair.hf, pair.mtp, pair.target
     fused = {f"mtp.{k}": v for k, v in hf.mtp.state_dict().items()}
     if not any("experts.gate_up_proj" in k for k in fused):
         pytest.skip("dense head: no experts")
@@ -212,13 +219,12 @@ def test_bf16_head_built_like_the_target(pair):
     parameter in bf16, and the head agrees with the fp32 one to bf16 precision."""
     from fp4serve.models.loader import load_model
 
-    hf, _, path, _ = pair
+    hf, path = pair.hf, pair.path
     target = load_model(ModelInfo.load(path), torch.bfloat16, torch.device("cpu"))
     head = Qwen3_5MTP.load(target, path)
     assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
     allocate_caches(head.cache_layers(), 1, 2**22, BLOCK, torch.bfloat16, torch.device("cpu"))
-    tokens = _tokens(30, 9)
-    hidden = target_hidden(hf, tokens)
+    tokens, hidden = pair.tokens[0][:30], pair.hidden[0][:30]
     batch = make_batch([(0, 0, 29)])
     with torch.inference_mode():
         ours = head(batch, torch.tensor(tokens[1:]), hidden[:-1].bfloat16()).float()
