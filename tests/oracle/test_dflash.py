@@ -137,9 +137,14 @@ def _slots(slot: int, positions: torch.Tensor) -> torch.Tensor:
     return table[positions // BLOCK] * BLOCK + positions % BLOCK
 
 
-@pytest.mark.parametrize("write_rejected", [False, True], ids=["committed-rows", "rejected-rows-too"])
-@pytest.mark.parametrize("name", list(DRAFTERS))
+@pytest.mark.parametrize(
+    "name, write_rejected",
+    [("full-attention", False), ("full-attention", True), ("causal-sliding", True), ("two-sided-window-scaled", True)],
+)
 def test_cached_drafts_match_full_recompute(target, tmp_path, name, write_rejected):
+    """Rounds of: write the context of the rows verified since the last draft (only the committed
+    ones, or also the rejected ones with junk features), draft a block, commit a random number of
+    its drafts. Every block's hidden states, logits and drafts equal the full recompute."""
     hf, ours = target
     tensors = make_dflash_drafter(tmp_path, hf.config, **DRAFTERS[name])
     drafter = DFlashDraftModel.load(tmp_path, ours, torch.float32)
