@@ -1,15 +1,17 @@
 """DFlash block drafter (z-lab `DFlashDraftModel`, arXiv 2602.06036; REFERENCE.md s.6).
 
 A few Qwen3-style decoder layers with no embedding or lm_head of their own (the target's are shared).
-Context: the target's hidden states after decoder layers `target_layer_ids` (the residual stream
-before the final norm: transformers' hidden_states[id + 1]), concatenated -> fc -> hidden_norm = c_t.
+Context: the target's hidden states after decoder layers `target_layer_ids` (transformers'
+hidden_states[id + 1]: the residual stream; after the final norm for the last layer), concatenated
+-> fc -> hidden_norm = c_t.
 Every layer projects c_t with its own k_proj/v_proj (+ k_norm, rope at position t): the context K/V,
 stored in the drafter's paged KV cache at the target's KV slots, for committed positions only.
 A block, per sequence with P committed-and-computed tokens: ids [token_P, MASK x (B-1)] at positions
-P .. P+B-1, embedded by the target's embedding. Queries, and the block's own K/V, come from the block
-rows (after input_layernorm); each layer attends over the cached context [0, P) plus the block, NON-
-causally within the block (a `sliding_attention` layer is causal with its window, unless the config
-sets `is_causal`, which then holds for every layer; a non-causal window is two-sided, as z-lab).
+P .. P+B-1, embedded by the target's embedding (times dflash_config.input_embedding_scale, default 1).
+Queries, and the block's own K/V, come from the block rows (after input_layernorm); each layer
+attends over the cached context [0, P) plus the block, NON-causally within the block (a
+`sliding_attention` layer is causal with its window, unless the config sets `is_causal`, which
+then holds for every layer; a non-causal window is two-sided, as z-lab).
 Block K/V are never stored, so a rejected draft leaves nothing behind; context written at positions
 past the committed length is overwritten before it is read (reads stop at P). Mask slot c (1..B-1)
 predicts the token at its own position P + c: argmax(lm_head(norm(h)) * output_multiplier, softcap).
@@ -103,7 +105,8 @@ class DFlashAttention(nn.Module):
         self.o_proj = Linear(q_size, config.hidden_size, bias, dtype, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(self.head_dim, self.head_dim, config.rope_parameters, config.max_position_embeddings)
+        rope, max_position = config.rope_parameters, config.max_position_embeddings
+        self.rotary = RotaryEmbedding(self.head_dim, self.head_dim, rope, max_position)
         layer_type = (config.layer_types or ["full_attention"] * config.num_hidden_layers)[layer_idx]
         is_causal = getattr(config, "is_causal", None)
         self.causal = layer_type == "sliding_attention" if is_causal is None else bool(is_causal)
@@ -139,9 +142,8 @@ class DFlashAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
         q = self._rope(q, positions)
         k, v = self._kv(x, positions)
-        out = block_attention(
-            q, k, v, self.k_cache, self.v_cache, block_tables, context_lens, self.scale, self.causal, self.sliding_window
-        )
+        cache, mask = (self.k_cache, self.v_cache), (self.scale, self.causal, self.sliding_window)
+        out = block_attention(q, k, v, *cache, block_tables, context_lens, *mask)
         return self.o_proj(out.flatten(-2))
 
 
@@ -231,14 +233,19 @@ class DFlashDraftModel(nn.Module):
 
 
 class TargetFeatureCapture:
-    """Forward hooks on the target's decoder layers `layer_ids` that keep each layer's output (the
-    residual stream, before the final norm) of the last forward; features() concatenates them [T, n*H]."""
+    """Forward hooks that keep, from the target's last forward, transformers' hidden_states[id + 1]
+    for each id of `layer_ids`: the output of decoder layer id (the residual stream), except for the
+    last layer, whose entry transformers reports after the final norm. features() concatenates them
+    [T, n*H] in `layer_ids` order."""
 
     def __init__(self, target, layer_ids: list[int]):
         self.layer_ids = list(layer_ids)
         self.outputs: dict[int, torch.Tensor] = {}
         layers = target.model.layers
-        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in sorted(set(self.layer_ids))]
+        self.handles = [
+            (target.model.norm if i == len(layers) - 1 else layers[i]).register_forward_hook(self._hook(i))
+            for i in sorted(set(self.layer_ids))
+        ]
 
     def _hook(self, index: int):
         def keep(module, args, output):

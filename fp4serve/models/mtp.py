@@ -151,7 +151,8 @@ class Qwen3_5MTP(nn.Module):
             seqs = [seqs[j] for j in keep]
             keep_t = torch.tensor(keep, device=device)
             positions = positions[keep_t] + 1
-            step_batch = one_token_batch(batch.block_tables[torch.tensor(seqs, device=device)], positions, batch.block_size)
+            tables = batch.block_tables[torch.tensor(seqs, device=device)]
+            step_batch = one_token_batch(tables, positions, batch.block_size)
             hidden = self(step_batch, tokens[keep_t], hidden[keep_t], step)
             tokens = self.compute_logits(hidden).argmax(dim=-1)
             step += 1
@@ -193,7 +194,8 @@ def iter_mtp_tensors(model_dir: str | Path) -> Iterable[tuple[str, torch.Tensor]
     for path in weight_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
-                names = [name for name in f.keys() if name.startswith("mtp.")]  # noqa: SIM118 (safe_open has no __iter__)
+                # safe_open objects are not iterable
+                names = [name for name in f.keys() if name.startswith("mtp.")]  # noqa: SIM118
                 for name in names:
                     yield name, f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types; name the file

@@ -74,7 +74,8 @@ class Reference:
             n.weight.data.copy_(tensors[name])
             return n
 
-        self.hidden_norm, self.norm = norm("hidden_norm.weight", config.hidden_size), norm("norm.weight", config.hidden_size)
+        self.hidden_norm = norm("hidden_norm.weight", config.hidden_size)
+        self.norm = norm("norm.weight", config.hidden_size)
         self.layers = []
         for i in range(config.num_hidden_layers):
             p = f"layers.{i}."
@@ -183,7 +184,8 @@ def test_cached_drafts_match_full_recompute(target, tmp_path, name, write_reject
 
 
 def test_target_features_are_layer_outputs(target):
-    """Captured features equal transformers' hidden_states[id + 1] (the output of decoder layer id)."""
+    """Captured features equal transformers' hidden_states[id + 1] (the output of decoder layer id,
+    the last layer's after the final norm)."""
     hf, ours = target
     allocate_caches(ours.cache_layers(), 1, 2**22, BLOCK, torch.float32, torch.device("cpu"))
     tokens = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(3))
@@ -193,12 +195,12 @@ def test_target_features_are_layer_outputs(target):
         block_tables=torch.arange(MAX_BLOCKS)[None], context_lens=torch.tensor([30]), state_slots=torch.tensor([0]),
         block_size=BLOCK,
     )  # fmt: skip
-    capture = TargetFeatureCapture(ours, [2, 0, 2])
+    capture = TargetFeatureCapture(ours, [2, 0, 3, 2])  # 3: the last layer, reported after the final norm
     with torch.inference_mode():
         ours(batch)
         ref = hf(input_ids=tokens[None], output_hidden_states=True).hidden_states
     capture.remove()
-    expected = torch.cat([ref[3][0], ref[1][0], ref[3][0]], dim=-1)
+    expected = torch.cat([ref[3][0], ref[1][0], ref[4][0], ref[3][0]], dim=-1)
     torch.testing.assert_close(capture.features(), expected, atol=ATOL, rtol=0)
 
 
@@ -233,7 +235,8 @@ def test_malformed_drafter_directories(target, tmp_path):
     del tensors["layers.1.self_attn.k_norm.weight"]
     tensors["layers.0.self_attn.extra.weight"] = torch.zeros(4)
     save_file(tensors, str(tmp_path / "b" / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.k_norm\.weight.*layers\.0\.self_attn\.extra\.weight"):
+    names = r"layers\.1\.self_attn\.k_norm\.weight.*layers\.0\.self_attn\.extra\.weight"
+    with pytest.raises(CheckpointError, match=names):
         DFlashDraftModel.load(tmp_path / "b", ours, torch.float32)
     make_dflash_drafter(tmp_path / "c", hf.config, mask_token_id=5)
     edit_config(tmp_path / "c", dflash_config={"target_layer_ids": [1, 2]})

@@ -61,7 +61,8 @@ def reference(hf, tokens: list[int], hidden: torch.Tensor) -> torch.Tensor:
     T = x.shape[1]
     positions = torch.arange(T)[None]
     mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
-    x = m.layers[0](x, position_embeddings=hf.model.rotary_emb(x, positions), attention_mask=mask, position_ids=positions)
+    rotary = hf.model.rotary_emb(x, positions)
+    x = m.layers[0](x, position_embeddings=rotary, attention_mask=mask, position_ids=positions)
     return m.norm(x)[0]
 
 
@@ -158,7 +159,8 @@ def test_draft_rounds_with_partial_acceptance(pair):
             for i, (s, start, _) in enumerate(work):
                 n_done = committed[s]
                 first = reference(hf, truth[s][1 : n_done + 1], hidden[s][:n_done])
-                torch.testing.assert_close(passes[0][batch.seq_rows(i)][: n_done - start], first[start:], atol=ATOL, rtol=0)
+                rows = passes[0][batch.seq_rows(i)][: n_done - start]
+                torch.testing.assert_close(rows, first[start:], atol=ATOL, rtol=0)
                 if counts[i] == 0:
                     assert drafts[i] == []
                     continue
