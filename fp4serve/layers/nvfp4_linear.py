@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.checkpoint import COMPRESSED_TENSORS, MODELOPT, ON_THE_FLY
-from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E4M3_MAX, NVFP4Tensor, dequantize_nvfp4, quantize_nvfp4
+from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, dequantize_nvfp4, quantize_nvfp4, unpack_fp4
 from fp4serve.layers.linear import LinearMethod
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,10 @@ class NVFP4LinearMethod(LinearMethod):
     def dequantized_weight(self, layer, rows: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight the codes stand for (reference; the fast paths never build it whole)."""
         rows = rows or slice(0, layer.out_features)
-        q = NVFP4Tensor(layer.weight_packed[rows], layer.weight_scale[rows], torch.ones((), device=layer.weight_packed.device))  # fmt: skip
-        return (dequantize_nvfp4(q) * layer.row_global[rows, None]).to(dtype)
+        values = E2M1_VALUES.to(layer.weight_packed.device)[unpack_fp4(layer.weight_packed[rows]).to(torch.int32)]
+        # the codec's order of operations: code * (block_scale * global), so results match it bit for bit
+        scale = layer.weight_scale[rows].float() * layer.row_global[rows, None]
+        return (values.unflatten(-1, (-1, BLOCK_SIZE)) * scale.unsqueeze(-1)).flatten(-2).to(dtype)
 
     def transform_input(self, layer, x: torch.Tensor, shard: int) -> torch.Tensor:
         if self.pre_quant_scale:

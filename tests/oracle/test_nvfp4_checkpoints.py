@@ -36,18 +36,14 @@ from conftest import llama_family_configs, make_checkpoint
 from safetensors.torch import load_file, save_file
 from test_qwen3_5 import _build as build_qwen3_5
 
-from fp4serve.config import ModelInfo
-from fp4serve.engine.cache import allocate_caches
 from fp4serve.errors import CheckpointError
-from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.formats.nvfp4_layouts import compressed_tensors_to_modelopt
-from fp4serve.forward_batch import ForwardBatch
 from fp4serve.layers.linear import Linear, PlainLinearMethod
 from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
-from fp4serve.models.loader import load_model
+from fp4serve.quantize.quality import load_for_eval, sequence_logits
 
 ATOL = 1e-4
-BLOCK = 16
+BLOCK = 16  # NVFP4 block
 SCHEME = QuantizationScheme(targets=["Linear"], **NVFP4, format="nvfp4-pack-quantized")
 # Weight-only: compressed-tensors' checkpoint dequantizer rejects input_global_scale tensors as
 # "residual qparams", so the dequantization oracle runs on this variant of the same files.
@@ -149,25 +145,13 @@ def build(kind: str, path):
 
 
 class Model:
-    """fp4serve's model for a directory (fp32, CPU) and its logits for one prompt."""
+    """fp4serve's model for a directory (fp32, CPU, quantization as the files say)."""
 
     def __init__(self, path, compute: str = "w4a16"):
-        info = ModelInfo.load(path)
-        quant = resolve_quantization(None, info.quant, path)
-        self.model = load_model(info, torch.float32, torch.device("cpu"), quant, compute)
-        allocate_caches(self.model.cache_layers(), 1, 2**22, BLOCK, torch.float32, torch.device("cpu"))
+        self.model = load_for_eval(path, torch.float32, compute=compute)
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
-        n = len(tokens)
-        pos = torch.arange(n)
-        blocks = torch.arange((n + BLOCK - 1) // BLOCK)
-        batch = ForwardBatch(
-            input_ids=torch.tensor(tokens), positions=pos, query_lens=[n], num_computed=[0],
-            slot_mapping=pos, block_tables=blocks[None], context_lens=torch.tensor([n]),
-            state_slots=torch.tensor([0]), block_size=BLOCK,
-        )  # fmt: skip
-        with torch.inference_mode():
-            return self.model.compute_logits(self.model(batch)).float()
+        return sequence_logits(self.model, tokens)
 
 
 PROMPT = torch.randint(0, 290, (40,), generator=torch.Generator().manual_seed(7)).tolist()
