@@ -40,9 +40,11 @@ def load_model(
     model.eval()
     if quant:
         log_weight_bytes(model, dtype)
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        m.out_features * m.in_features for m in model.modules() if isinstance(m, Linear) and hasattr(m, "weight_packed")
+    )  # NVFP4 weights are buffers of packed codes; count the weights they stand for
     if packing_available(dtype, device):
         log.info("packed %d bf16 Linear weights for oneDNN", pack_model_linears(model))
-    params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s (%s, %.1fM parameters, %s) in %.1f s",
         info.path.name, cls.__name__, params / 1e6, str(dtype).removeprefix("torch."), time.perf_counter() - start,
