@@ -41,7 +41,7 @@ from fp4serve.layers.linear import Linear
 from fp4serve.layers.norm import RMSNorm
 from fp4serve.layers.rotary import RotaryEmbedding, rotate_half
 from fp4serve.models.llama import LlamaMLP, head_dim_of
-from fp4serve.models.mtp import TargetModules, built_like
+from fp4serve.models.mtp import TargetModules, built_like, finish_linears
 from fp4serve.models.weights import LoadPlan, load_weights
 
 STACKED = [("kv_proj", "k_proj", 0), ("kv_proj", "v_proj", 1),
@@ -197,6 +197,7 @@ class DFlashDraftModel(nn.Module):
 
     def load_weights(self, weights) -> None:
         load_weights(self, weights, LoadPlan(stacked=STACKED, dropped={"rotary_emb.*": "buffers recomputed at load"}))
+        finish_linears(self)
 
     def cache_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.layers]

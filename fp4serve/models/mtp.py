@@ -170,6 +170,14 @@ class Qwen3_5MTP(nn.Module):
                 "the checkpoint has no mtp.* tensors: it has no MTP head (use another speculative method)"
             )
         load_weights(self, mtp_weights, LoadPlan(stacked=STACKED))
+        finish_linears(self)
+
+
+def finish_linears(model: nn.Module) -> None:
+    """What CausalLM.load_weights does after loading: let each weight format check and lay out its tensors."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_weights_after_loading(module)
 
 
 def one_token_batch(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> ForwardBatch:
