@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fp4serve.engine.runner import token_slice
 from fp4serve.models.dflash import DFlashDraftModel, TargetFeatureCapture
 from fp4serve.spec.proposer import committed_rows
 
@@ -39,7 +40,7 @@ class DFlashProposer:
         tables = [r.block_ids for _, r in drafting]
         width = max(len(t) for t in tables)
         drafts = self.drafter.propose(
-            torch.tensor([r.output_token_ids[-1] for _, r in drafting], device=device),
+            torch.tensor([token_slice(r, r.num_tokens - 1, r.num_tokens)[0] for _, r in drafting], device=device),
             # context: every computed (committed) position; the block starts at the last token's
             torch.tensor([r.num_computed_tokens for _, r in drafting], device=device),
             torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device),
