@@ -151,6 +151,7 @@ def main() -> None:
         for category in args.categories:
             rate, length, acceptance = measure(llm, prompts[category], args.max_tokens, args.repeats)
             rows.append((category, method, rate, length, acceptance))
+            print(f"  measured {category} / {method}: {rate:.1f} tok/s", flush=True)  # progress: runs are slow
     base = {c: r for c, m, r, _, _ in rows if m == "none"}
     print(f"\nmodel {plain.engine.model_path.name}, {args.dtype}, {torch.get_num_threads()} threads, c=1, greedy, "
           f"max_tokens {args.max_tokens}, ngram k={args.k}, dflash block {args.dflash_block} (random weights), "
