@@ -1,15 +1,18 @@
 """POST /v1/chat/completions: messages -> the model's chat template -> token ids -> the assistant's
-reply, whole or streamed. The place where reasoning and tool-call parsers will sit between the
-engine's text and the reply's fields."""
+reply, whole or streamed. Between the engine's text and the reply's fields sit the reasoning parser
+(<think> text -> `reasoning_content`) and the tool-call parser (tool-call text -> `tool_calls`); a
+stream and a whole reply run the same parsers, so they always agree."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
 from fp4serve.engine.sampler import TokenLogprobs
 from fp4serve.errors import InvalidRequestError
+from fp4serve.server.options import ServerOptions
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionChoice,
@@ -22,76 +25,195 @@ from fp4serve.server.protocol import (
     ChatLogProbsContent,
     ChatResponseMessage,
     DeltaMessage,
+    DeltaToolCall,
     EventStream,
+    FunctionCall,
+    ToolCall,
     UsageInfo,
     sse_events,
 )
+from fp4serve.server.reasoning import REASONING_PARSERS, prompt_opens_reasoning
+from fp4serve.server.tools import TOOL_PARSERS, ParsedToolCall, ToolCallParser
 from fp4serve.tokenizer import chat_prompt_ids
 
 
 async def create_chat_completion(
-    engine: AsyncEngine, request: ChatCompletionRequest, model: str
+    engine: AsyncEngine, request: ChatCompletionRequest, model: str, options: ServerOptions
 ) -> ChatCompletionResponse | EventStream:
+    _check_response_format(request)
+    tool_parser = _tool_parser(request, options)
     prompt_ids = apply_chat_template(engine.tokenizer, request)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    parser = ReplyParser(_reasoning_parser(engine.tokenizer, request, options, prompt_ids), tool_parser)
     stream = await engine.add_request({"prompt_token_ids": prompt_ids, "prompt": None}, params, request_id)
     if request.stream:
-        chunks = _stream_chunks(stream, engine.tokenizer, request, model)
+        chunks = _stream_chunks(stream, engine.tokenizer, request, model, parser)
         return EventStream(sse_events(chunks), stream.close)
 
     output = await stream.final_output()
     completion = output.outputs[0]
+    reasoning, content, calls = parser.feed(completion.text)
+    more_reasoning, more_content, more_calls = parser.finish()
+    reasoning, content, calls = reasoning + more_reasoning, content + more_content, calls + more_calls
     logprobs = None
     if completion.logprobs is not None:
         logprobs = _logprobs(engine.tokenizer, completion.logprobs)
+    message = ChatResponseMessage(
+        content=content if content or not calls else None,
+        reasoning_content=reasoning or None,
+        tool_calls=[ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls],
+    )
     choice = ChatCompletionChoice(
-        message=ChatResponseMessage(content=completion.text),
+        message=message,
         logprobs=logprobs,
-        finish_reason=completion.finish_reason,
+        finish_reason=_finish_reason(completion.finish_reason, bool(calls)),
         stop_reason=completion.stop_reason,
     )
     usage = UsageInfo.of(len(output.prompt_token_ids), len(completion.token_ids))
     return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=usage)
 
 
+# ---- what the request asks for --------------------------------------------------------------
+def _check_response_format(request: ChatCompletionRequest) -> None:
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        raise APIError(
+            400,
+            f"response_format {fmt.type!r} is not supported yet: fp4serve has no constrained decoding, and "
+            f"unconstrained output is not guaranteed to be valid JSON. Ask for JSON in the prompt instead.",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+
+
+def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | None:
+    """The parser for this request's tool calls, or None when its output is plain content (vLLM's rules)."""
+    choice = request.effective_tool_choice
+    if request.tool_choice not in (None, "none") and not request.tools:
+        raise APIError(400, "tool_choice requires tools to be set", param="tool_choice")
+    if choice == "none":
+        return None
+    if choice != "auto":
+        what = "required" if choice == "required" else "a named function"
+        raise APIError(
+            400,
+            f"tool_choice {what} is not supported yet: forcing a call needs constrained decoding, which fp4serve "
+            f'does not have. Use tool_choice "auto" (with --enable-auto-tool-choice) or "none".',
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
+    if not (options.enable_auto_tool_choice and options.tool_call_parser):
+        raise APIError(
+            400,
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            param="tool_choice",
+        )
+    return TOOL_PARSERS[options.tool_call_parser]([t.model_dump() for t in request.tools])
+
+
+def _reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):
+    if options.reasoning_parser is None or (request.chat_template_kwargs or {}).get("enable_thinking") is False:
+        return None
+    # The last few prompt tokens tell whether the template opened a think block for the model.
+    tail = tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
+    return REASONING_PARSERS[options.reasoning_parser](prompt_opens_reasoning(tail))
+
+
+class ReplyParser:
+    """Output text -> (reasoning, content, tool calls): reasoning first, tool calls in the content."""
+
+    def __init__(self, reasoning, tools: ToolCallParser | None):
+        self.reasoning = reasoning
+        self.tools = tools
+
+    def feed(self, text: str) -> tuple[str, str, list[ParsedToolCall]]:
+        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
+        if self.tools is None:
+            return reasoning, content, []
+        content, calls = self.tools.feed(content)
+        return reasoning, content, calls
+
+    def finish(self) -> tuple[str, str, list[ParsedToolCall]]:
+        reasoning, content = self.reasoning.finish() if self.reasoning else ("", "")
+        if self.tools is None:
+            return reasoning, content, []
+        content, calls = self.tools.feed(content)
+        return reasoning, content + self.tools.finish(), calls
+
+
+def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
+    return "tool_calls" if called_tools and reason == "stop" else reason
+
+
+# ---- the prompt -----------------------------------------------------------------------------
 def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in request.messages]
+    tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
     try:
-        return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs)
+        return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs, tools)
     except InvalidRequestError as e:
         raise APIError(400, str(e), param="messages") from e
+    except TypeError as e:  # a chat_template_kwargs key the template or tokenizer cannot take
+        raise APIError(400, f"the chat template cannot render this request: {e}", param="chat_template_kwargs") from e
+
+
+_NOT_TEXT = {"image_url": "images", "input_image": "images", "image": "images", "input_audio": "audio",
+             "audio_url": "audio", "video_url": "video", "file": "files"}  # fmt: skip
 
 
 def _template_message(message: dict) -> dict:
-    """OpenAI allows content as a list of parts; templates expect a string. Only text parts exist here."""
+    """OpenAI allows content as a list of parts; templates expect a string. Only text parts exist
+    here. Tool-call arguments arrive as JSON strings; templates iterate them as mappings."""
     content = message.get("content")
     if isinstance(content, list):
         texts = []
         for part in content:
-            if part.get("type") != "text":
-                raise APIError(400, f"content parts of type {part.get('type')!r} are not supported", param="messages")
-            texts.append(part.get("text", ""))
+            kind = part.get("type")
+            if kind in _NOT_TEXT:
+                raise APIError(400, f"{_NOT_TEXT[kind]} are not supported by this model: send text only", param="messages")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"content parts of type {kind!r} are not supported", param="messages")
+            texts.append(part["text"])
         message["content"] = "\n".join(texts)
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError as e:
+                raise APIError(400, f"tool call arguments are not valid JSON: {e}", param="messages") from e
     return message
 
 
+# ---- streaming ------------------------------------------------------------------------------
 async def _stream_chunks(
-    stream: RequestStream, tokenizer, request: ChatCompletionRequest, model: str
+    stream: RequestStream, tokenizer, request: ChatCompletionRequest, model: str, parser: ReplyParser
 ) -> AsyncIterator[ChatCompletionStreamResponse]:
     def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None):
         return ChatCompletionStreamResponse(id=stream.request_id, model=model, choices=choices, usage=usage)
 
     # OpenAI opens every stream with the role and empty content, before any token exists.
     yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+    num_calls = 0
     async for output in stream:
         completion = output.outputs[0]
-        if not (output.delta_text or output.delta_logprobs or output.finished):
-            continue  # the detokenizer held this step's text back (partial character or stop string)
+        reasoning, content, calls = parser.feed(output.delta_text)
+        if output.finished:
+            more_reasoning, more_content, more_calls = parser.finish()
+            reasoning, content, calls = reasoning + more_reasoning, content + more_content, calls + more_calls
+        if not (reasoning or content or calls or output.delta_logprobs or output.finished):
+            continue  # text held back (partial character, stop string or tag)
+        tool_calls = [
+            DeltaToolCall(index=num_calls + i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for i, c in enumerate(calls)
+        ]
+        num_calls += len(calls)
+        delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None, tool_calls=tool_calls or None)
         choice = ChatCompletionStreamChoice(
-            delta=DeltaMessage(content=output.delta_text or None),
+            delta=delta,
             logprobs=_logprobs(tokenizer, output.delta_logprobs) if output.delta_logprobs is not None else None,
-            finish_reason=completion.finish_reason,
+            finish_reason=_finish_reason(completion.finish_reason, num_calls > 0),
             stop_reason=completion.stop_reason,
         )
         yield chunk([choice])
