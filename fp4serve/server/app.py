@@ -190,9 +190,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         problems = []
         for error in exc.errors():
             location = ".".join(str(part) for part in error["loc"] if part != "body")
-            problems.append(f"{location}: {error['msg']}" if location else error["msg"])
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        param = ".".join(str(part) for part in first if part != "body") or None
+            if not location or error["type"] == "json_invalid":
+                problems.append(f"the request body is not a JSON object ({error['msg']})")
+            else:
+                problems.append(f"{location}: {error['msg']}")
+        # The top-level field, as OpenAI names it (deeper parts of a location include pydantic's union tags).
+        first = [part for part in (exc.errors()[0]["loc"] if exc.errors() else ()) if part != "body"]
+        param = str(first[0]) if first else None
         return error_json(APIError(400, "; ".join(problems) or "invalid request", param=param))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -1,16 +1,12 @@
 """Request body size limit: ASGI middleware that answers 413 (OpenAI error JSON) for a body over
-the limit, whether it announces its length or streams in chunks, before anything parses it."""
+the limit before anything parses it. A body that announces its length is judged by its header (the
+HTTP server holds it to that length); a chunked one is read here, up to the limit, then replayed."""
 
 from __future__ import annotations
 
 from starlette.datastructures import Headers
 
 from fp4serve.server.protocol import APIError, error_json
-
-
-class BodyTooLargeError(APIError):
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than the limit of {limit} bytes", code="request_too_large")
 
 
 class BodySizeLimit:
@@ -22,19 +18,30 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await error_json(BodyTooLargeError(self.max_bytes))(scope, receive, send)
+        too_large = error_json(
+            APIError(413, f"the request body is larger than the limit of {self.max_bytes} bytes", code="request_too_large")
+        )
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
+        messages, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLargeError(self.max_bytes)  # the app's APIError handler answers it
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        await self.app(scope, counting_receive, send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)

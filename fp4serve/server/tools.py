@@ -128,7 +128,7 @@ def _strip_one_newline(value: str) -> str:
 
 def convert_value(value: str, schema: dict):
     """A parameter's text as the JSON type its schema declares (vLLM qwen3_coder's rules); a value
-    that does not convert stays a string."""
+    without a schema, or that does not convert, stays a string."""
     types = schema.get("type", "string")
     types = [types] if isinstance(types, str) else list(types)
     if value.strip().lower() == "null" and ("null" in types or "string" not in types):
@@ -150,17 +150,7 @@ def convert_value(value: str, schema: dict):
                     return ast.literal_eval(text)  # Python-style dicts and lists
         except (ValueError, SyntaxError):
             continue
-    if "string" in types or not schema:
-        return value if "string" in types else _json_or_text(text)
     return value
-
-
-def _json_or_text(text: str):
-    """A parameter without a schema: JSON if it is JSON, else the text."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 TOOL_PARSERS = {"hermes": HermesToolParser, "qwen3_coder": Qwen3CoderToolParser, "qwen3_xml": Qwen3CoderToolParser}

@@ -1,0 +1,221 @@
+"""Protocol edge cases, in process: the app driven through httpx's ASGI transport (no sockets).
+Every bad input gets OpenAI's error JSON with the right status, and leaves the engine idle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+from conftest import make_checkpoint
+from transformers import LlamaConfig
+
+from fp4serve.config import EngineConfig
+from fp4serve.engine.async_engine import AsyncEngine
+from fp4serve.engine.engine import LLMEngine
+from fp4serve.server import build_app
+from fp4serve.server.options import ServerOptions
+
+KEY = "sekret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MESSAGES = [{"role": "user", "content": "w5 w17 w42"}]
+
+
+@pytest.fixture(scope="module")
+def async_engine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-protocol")
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=256, eos_token_id=299, bos_token_id=None)  # fmt: skip
+    make_checkpoint(path, config)
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_model_len=128, kv_cache_memory="2MiB"))
+    async_engine = AsyncEngine(engine)
+    yield async_engine
+    async_engine.shutdown()
+
+
+def call(app, method: str, path: str, headers=AUTH, **kwargs) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, path, headers=headers, **kwargs)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def app(async_engine):
+    yield build_app(async_engine, ["tiny"], KEY, ServerOptions(max_request_body_size=4096))
+    engine = async_engine.engine
+    assert not engine.requests and engine.block_pool.num_free == engine.block_pool.num_blocks
+
+
+def assert_error(response: httpx.Response, status: int, words: str, param: str | None = "any") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"], error["message"]
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    if param != "any":
+        assert error["param"] == param
+    return error
+
+
+def chat(app, **fields) -> httpx.Response:
+    return call(app, "POST", "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2} | fields)
+
+
+# ---- bad requests -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fields, words, param",
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         "images are not supported by this model", "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "weird"}]}]}, "'weird' are not supported", "messages"),
+        ({"messages": "hello"}, "messages", "messages"),
+        ({"max_tokens": "many"}, "max_tokens", "max_tokens"),
+        ({"temperature": 3.5, "top_p": 0}, "top_p", None),
+        ({"response_format": {"type": "json_object"}}, "no constrained decoding", "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+         "'json_schema' is not supported yet", "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "response_format"),
+        ({"logit_bias": {"5": 10}}, "logit_bias is not supported", "logit_bias"),
+        ({"guided_json": {"type": "object"}}, "constrained decoding", "guided_json"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, '"auto" tool choice requires', "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+         "tool_choice required is not supported", "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "f"}}}, "a named function", "tool_choice"),
+        ({"tool_choice": "auto"}, "tool_choice requires tools", "tool_choice"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function", "tools"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+         "tool call arguments are not valid JSON", "messages"),
+        ({"max_tokens": 128}, "maximum context length is 128 tokens", None),
+    ],
+)  # fmt: skip
+def test_bad_chat_request(app, fields, words, param):
+    assert_error(chat(app, **fields), 400, words, param)
+
+
+def test_ignored_and_accepted_fields(app):
+    # Informational OpenAI fields are accepted; so are "off" values of unsupported ones.
+    response = chat(app, user="u1", store=False, logit_bias={}, echo=False, response_format={"type": "text"},
+                    tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none")  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["tool_calls"] == []
+
+
+def test_completions_bad_requests(app):
+    post = lambda body: call(app, "POST", "/v1/completions", json={"model": "tiny"} | body)  # noqa: E731
+    assert_error(post({"prompt": "w1", "echo": True}), 400, "echo is not supported", "echo")
+    assert_error(post({"prompt": "w1", "best_of": 3}), 400, "best_of", "best_of")
+    assert_error(post({"prompt": ["w1", "w2"]}), 400, "one prompt per request", "prompt")
+    assert_error(post({"prompt": []}), 400, "empty", "prompt")
+    assert_error(post({"prompt": {"text": "w1"}}), 400, "prompt", "prompt")
+    assert_error(post({"prompt": "w1", "model": "gpt-4"}), 404, "does not exist", "model")
+    for body in (b'{"prompt": ', b"[1, 2]", b"\xff\xfe"):
+        for headers in (AUTH, AUTH | {"Content-Type": "application/json"}):
+            assert_error(call(app, "POST", "/v1/completions", headers=headers, content=body), 400, "not a JSON object")
+
+
+def test_body_size_limit(app):
+    big = {"model": "tiny", "prompt": "w1 " * 2000}
+    assert_error(call(app, "POST", "/v1/completions", json=big), 413, "larger than the limit of 4096 bytes")
+
+    async def chunks():  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(100):
+            yield b"w1 " * 30
+        yield b'"}'
+
+    assert_error(call(app, "POST", "/v1/completions", content=chunks()), 413, "larger than the limit")
+
+
+def test_max_queue_answers_503_with_retry_after(async_engine, monkeypatch):
+    """With the engine busy, requests beyond --max-queue waiting ones are refused, not queued."""
+    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+    engine = async_engine.engine
+    release = threading.Event()
+    real_step = engine.step
+
+    def blocked_step():
+        release.wait(30)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", blocked_step)
+    body = {"model": "tiny", "prompt": "w1 w2", "max_tokens": 2}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            first = asyncio.ensure_future(client.post("/v1/completions", json=body))
+            while async_engine.num_waiting() < 1:
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/completions", json=body)
+            release.set()
+            return await first, refused
+
+    first, refused = asyncio.run(go())
+    assert first.status_code == 200
+    assert_error(refused, 503, "requests are already waiting")
+    assert refused.headers["retry-after"] == "1"
+
+
+# ---- auth ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "method, path", [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                     ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/metrics")],
+)  # fmt: skip
+def test_protected_routes_need_the_key(app, method, path):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = call(app, method, path, headers=headers, **({"json": {}} if method == "POST" else {}))
+        assert_error(response, 401, "API key")
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_open_routes(app):
+    assert call(app, "GET", "/health", headers={}).status_code == 200
+    version = call(app, "GET", "/version", headers={})
+    assert version.status_code == 200 and version.json()["version"]
+    assert_error(call(app, "GET", "/v2/nothing"), 404, "Not Found")
+
+
+# ---- tokenize / detokenize ----------------------------------------------------------------------
+def test_tokenize_and_detokenize(app, async_engine):
+    tokenizer = async_engine.tokenizer
+    response = call(app, "POST", "/tokenize", json={"model": "tiny", "prompt": "w3 w1 w4", "return_token_strs": True})
+    assert response.json() == {"count": 3, "max_model_len": 128, "tokens": [3, 1, 4], "token_strs": ["w3", "w1", "w4"]}
+
+    chat_tokens = call(app, "POST", "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert chat_tokens == tokenizer(rendered, add_special_tokens=False).input_ids
+
+    assert call(app, "POST", "/detokenize", json={"tokens": [3, 1, 4]}).json() == {"prompt": "w3 w1 w4"}
+    assert_error(call(app, "POST", "/detokenize", json={"tokens": [1, 300]}), 400, "out of the vocabulary", "tokens")
+    assert_error(call(app, "POST", "/tokenize", json={}), 400, "exactly one of")
+    assert_error(call(app, "POST", "/tokenize", json={"prompt": "w1", "model": "x"}), 404, "does not exist")
+
+
+def test_chat_with_tools_renders_them_into_the_prompt(app):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+    messages = MESSAGES + [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "w1"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "w9"},
+    ]  # fmt: skip
+    response = call(app, "POST", "/tokenize", json={"messages": messages, "tools": tools})
+    assert response.status_code == 200, response.text
+    assert chat(app, messages=messages, tools=tools, tool_choice="none").status_code == 200
+
+
+def test_stream_is_openai_sse(app):
+    response = chat(app, stream=True, stream_options={"include_usage": True}, max_tokens=3, ignore_eos=True)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.split("\n\n") if line]
+    assert all(event.startswith("data: ") for event in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(event[len("data: ") :]) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks[1:-1]][-1] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    for chunk in chunks[1:-1]:  # a delta carries only what it adds
+        assert set(chunk["choices"][0]["delta"]) <= {"content"}
