@@ -326,13 +326,16 @@ def test_async_engine_generate(server):
 # ---- aborts and concurrency ---------------------------------------------------------------------
 @pytest.fixture
 def recorded_aborts(server, monkeypatch):
-    """What engine.abort_request returned for each call: an output only if the request was live."""
+    """What engine.abort_request returned for each call (an output only if the request was live),
+    and the free KV blocks right after it."""
     aborts = {}
     real_abort = server.engine.abort_request
 
     def abort(request_id):
-        aborts[request_id] = real_abort(request_id)
-        return aborts[request_id]
+        output = real_abort(request_id)
+        aborts[request_id] = output
+        aborts.setdefault("free_blocks_after", []).append(server.engine.block_pool.num_free)
+        return output
 
     monkeypatch.setattr(server.engine, "abort_request", abort)
     return aborts
@@ -345,10 +348,14 @@ def test_closed_stream_aborts_the_request(server, client, recorded_aborts, endpo
         stream = client.chat.completions.create(messages=MESSAGES, **args)
     else:
         stream = client.completions.create(prompt=PROMPT, **args)
+    pool = server.engine.block_pool
     first = next(iter(stream))
+    assert pool.num_free < pool.num_blocks  # the request holds KV blocks while it streams
     stream.close()
     server.wait_idle()
     assert recorded_aborts[first.id].outputs[0].finish_reason == "abort"
+    # The abort itself gave every block back: the cache is at its idle value before any further step.
+    assert recorded_aborts["free_blocks_after"] == [pool.num_blocks]
 
 
 def test_client_gone_aborts_non_streaming_request(server, recorded_aborts):
@@ -357,8 +364,9 @@ def test_client_gone_aborts_non_streaming_request(server, recorded_aborts):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/completions", json=body, headers=headers, timeout=0.3)
     server.wait_idle()
-    [output] = recorded_aborts.values()
+    [output] = [value for key, value in recorded_aborts.items() if key != "free_blocks_after"]
     assert output.outputs[0].finish_reason == "abort"
+    assert recorded_aborts["free_blocks_after"] == [server.engine.block_pool.num_blocks]
 
 
 def test_concurrent_streams_all_complete(server, client, monkeypatch):
