@@ -154,8 +154,8 @@ def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
         return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs, tools)
     except InvalidRequestError as e:
         raise APIError(400, str(e), param="messages") from e
-    except TypeError as e:  # a chat_template_kwargs key the template or tokenizer cannot take
-        raise APIError(400, f"the chat template cannot render this request: {e}", param="chat_template_kwargs") from e
+    except (TypeError, ValueError) as e:  # e.g. no messages, or chat_template_kwargs the tokenizer refuses
+        raise APIError(400, f"the chat template cannot render this request: {e}", param="messages") from e
 
 
 _NOT_TEXT = {"image_url": "images", "input_image": "images", "image": "images", "input_audio": "audio",
@@ -172,8 +172,10 @@ def _template_message(message: dict) -> dict:
             kind = part.get("type")
             if kind in _NOT_TEXT:
                 raise APIError(400, f"{_NOT_TEXT[kind]} are not supported by this model: send text only", param="messages")
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind != "text":
                 raise APIError(400, f"content parts of type {kind!r} are not supported", param="messages")
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, "a text content part needs a string `text`", param="messages")
             texts.append(part["text"])
         message["content"] = "\n".join(texts)
     for call in message.get("tool_calls") or []:

@@ -9,6 +9,8 @@ import threading
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import make_checkpoint
 from transformers import LlamaConfig
 
@@ -37,7 +39,9 @@ def async_engine(tmp_path_factory):
 
 def call(app, method: str, path: str, headers=AUTH, **kwargs) -> httpx.Response:
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        # raise_app_exceptions=False: a bug shows as the 500 a client would get, which assert_error rejects
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.request(method, path, headers=headers, **kwargs)
 
     return asyncio.run(go())
@@ -92,6 +96,11 @@ def chat(app, **fields) -> httpx.Response:
             {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
          "tool call arguments are not valid JSON", "messages"),
         ({"max_tokens": 128}, "maximum context length is 128 tokens", None),
+        ({"seed": 2**70}, "seed must be in", None),
+        ({"messages": []}, "the chat template cannot render this request", "messages"),
+        ({"chat_template_kwargs": {"continue_final_message": True}}, "cannot render", "messages"),
+        ({"chat_template_kwargs": {"messages": []}}, "cannot render", "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "needs a string `text`", "messages"),
     ],
 )  # fmt: skip
 def test_bad_chat_request(app, fields, words, param):
@@ -219,3 +228,25 @@ def test_stream_is_openai_sse(app):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     for chunk in chunks[1:-1]:  # a delta carries only what it adds
         assert set(chunk["choices"][0]["delta"]) <= {"content"}
+
+
+# ---- no input makes a 500 -----------------------------------------------------------------------
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+CHAT_FIELDS = ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+               "stop", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+               "stream", "stream_options", "chat_template_kwargs", "tools", "tool_choice", "response_format",
+               "ignore_eos", "skip_special_tokens", "min_tokens", "stop_token_ids", "model"]  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=st.dictionaries(st.sampled_from(CHAT_FIELDS), JSON, max_size=3))
+def test_no_chat_input_is_a_server_error(app, overrides):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2} | overrides
+    response = call(app, "POST", "/v1/chat/completions", json=body)
+    assert response.status_code in (200, 400, 404), response.text
+    if response.status_code != 200:
+        assert_error(response, response.status_code, "")
