@@ -28,6 +28,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives returned with each sampled token
     skip_special_tokens: bool = True
+    # Called by the sampler as fn(output_token_ids, logits) on the request's [1, V] float32 logits,
+    # which it may change in place (e.g. engine/grammar.py masks tokens a grammar does not allow).
+    logits_processors: list | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from fp4serve import __version__
 from fp4serve.config import EngineConfig
 from fp4serve.engine.async_engine import AsyncEngine
+from fp4serve.engine.grammar import GrammarCompiler
 from fp4serve.errors import Fp4ServeError
 from fp4serve.server.auth import BearerAuth
 from fp4serve.server.chat import create_chat_completion
@@ -79,6 +80,8 @@ def build_app(
         app.add_middleware(BearerAuth, api_key=api_key)
     app.add_middleware(BodySizeLimit, max_bytes=options.max_request_body_size)
     registry = metrics_registry(async_engine.engine, served_model_names[0])
+    engine = async_engine.engine
+    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
 
     def resolve_model(requested: str | None) -> str:
         if not requested:
@@ -124,7 +127,7 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = resolve_model(body.model)
         check_queue()
-        return await _respond(request, create_chat_completion(async_engine, body, model, options))
+        return await _respond(request, create_chat_completion(async_engine, body, model, options, grammars))
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:

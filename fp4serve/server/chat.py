@@ -5,11 +5,13 @@ stream and a whole reply run the same parsers, so they always agree."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
 
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
+from fp4serve.engine.grammar import GrammarCompiler, GrammarLogitsProcessor, xgrammar_available
 from fp4serve.engine.sampler import TokenLogprobs
 from fp4serve.errors import InvalidRequestError
 from fp4serve.server.options import ServerOptions
@@ -28,24 +30,40 @@ from fp4serve.server.protocol import (
     DeltaToolCall,
     EventStream,
     FunctionCall,
+    NamedToolChoice,
     ToolCall,
     UsageInfo,
     sse_events,
 )
 from fp4serve.server.reasoning import REASONING_PARSERS, prompt_opens_reasoning
-from fp4serve.server.tools import TOOL_PARSERS, ParsedToolCall, ToolCallParser
+from fp4serve.server.tools import (
+    TOOL_PARSERS,
+    ForcedToolCalls,
+    ParsedToolCall,
+    ToolCallParser,
+    required_tool_calls_schema,
+)
 from fp4serve.tokenizer import chat_prompt_ids
 
 
 async def create_chat_completion(
-    engine: AsyncEngine, request: ChatCompletionRequest, model: str, options: ServerOptions
+    engine: AsyncEngine,
+    request: ChatCompletionRequest,
+    model: str,
+    options: ServerOptions,
+    grammars: GrammarCompiler | None = None,
 ) -> ChatCompletionResponse | EventStream:
-    _check_response_format(request)
     tool_parser = _tool_parser(request, options)
+    schema = _output_schema(request)
     prompt_ids = apply_chat_template(engine.tokenizer, request)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    parser = ReplyParser(_reasoning_parser(engine.tokenizer, request, options, prompt_ids), tool_parser)
+    reasoning = None
+    if schema is not None:  # the whole output is JSON: no room for a <think> block
+        params.logits_processors = [await _grammar_processor(grammars, schema)]
+    else:
+        reasoning = _reasoning_parser(engine.tokenizer, request, options, prompt_ids)
+    parser = ReplyParser(reasoning, tool_parser)
     stream = await engine.add_request({"prompt_token_ids": prompt_ids, "prompt": None}, params, request_id)
     if request.stream:
         chunks = _stream_chunks(stream, engine.tokenizer, request, model, parser)
@@ -75,34 +93,19 @@ async def create_chat_completion(
 
 
 # ---- what the request asks for --------------------------------------------------------------
-def _check_response_format(request: ChatCompletionRequest) -> None:
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        raise APIError(
-            400,
-            f"response_format {fmt.type!r} is not supported yet: fp4serve has no constrained decoding, and "
-            f"unconstrained output is not guaranteed to be valid JSON. Ask for JSON in the prompt instead.",
-            param="response_format",
-            code="unsupported_parameter",
-        )
-
-
-def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | None:
+def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | ForcedToolCalls | None:
     """The parser for this request's tool calls, or None when its output is plain content (vLLM's rules)."""
     choice = request.effective_tool_choice
     if request.tool_choice not in (None, "none") and not request.tools:
         raise APIError(400, "tool_choice requires tools to be set", param="tool_choice")
     if choice == "none":
         return None
-    if choice != "auto":
-        what = "required" if choice == "required" else "a named function"
-        raise APIError(
-            400,
-            f"tool_choice {what} is not supported yet: forcing a call needs constrained decoding, which fp4serve "
-            f'does not have. Use tool_choice "auto" (with --enable-auto-tool-choice) or "none".',
-            param="tool_choice",
-            code="unsupported_parameter",
-        )
+    if choice == "required":
+        return ForcedToolCalls(None)
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in {t.function.name for t in request.tools}:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
+        return ForcedToolCalls(choice.function.name)
     if not (options.enable_auto_tool_choice and options.tool_call_parser):
         raise APIError(
             400,
@@ -110,6 +113,43 @@ def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> Tool
             param="tool_choice",
         )
     return TOOL_PARSERS[options.tool_call_parser]([t.model_dump() for t in request.tools])
+
+
+def _output_schema(request: ChatCompletionRequest) -> dict | None:
+    """The JSON schema the output is held to (constrained decoding), or None for free text."""
+    choice = request.effective_tool_choice
+    fmt = request.response_format
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced and fmt is not None and fmt.type != "text":
+        raise APIError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
+    if choice == "required":
+        return required_tool_calls_schema([t.model_dump() for t in request.tools])
+    if isinstance(choice, NamedToolChoice):
+        tool = next(t for t in request.tools if t.function.name == choice.function.name)  # checked in _tool_parser
+        return tool.function.parameters or {"type": "object"}
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    schema = (fmt.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                       param="response_format")  # fmt: skip
+    return schema
+
+
+async def _grammar_processor(grammars: GrammarCompiler | None, schema: dict) -> GrammarLogitsProcessor:
+    if grammars is None or not xgrammar_available():
+        raise APIError(
+            400,
+            "constrained decoding (response_format json_object/json_schema, tool_choice required or named) "
+            "needs the xgrammar package on the server: pip install xgrammar",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    # Compiling indexes the vocabulary the first time (seconds for a large one): not on the event loop.
+    compiled = await asyncio.to_thread(grammars.json_schema, schema)
+    return GrammarLogitsProcessor(compiled)
 
 
 def _reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):
@@ -123,7 +163,7 @@ def _reasoning_parser(tokenizer, request: ChatCompletionRequest, options: Server
 class ReplyParser:
     """Output text -> (reasoning, content, tool calls): reasoning first, tool calls in the content."""
 
-    def __init__(self, reasoning, tools: ToolCallParser | None):
+    def __init__(self, reasoning, tools: ToolCallParser | ForcedToolCalls | None):
         self.reasoning = reasoning
         self.tools = tools
 
@@ -139,7 +179,8 @@ class ReplyParser:
         if self.tools is None:
             return reasoning, content, []
         content, calls = self.tools.feed(content)
-        return reasoning, content + self.tools.finish(), calls
+        tail, more = self.tools.finish()
+        return reasoning, content + tail, calls + more
 
 
 def _finish_reason(reason: str | None, called_tools: bool) -> str | None:

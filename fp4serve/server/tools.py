@@ -70,11 +70,11 @@ class ToolCallParser:
             else:
                 calls.append(call)
 
-    def finish(self) -> str:
+    def finish(self) -> tuple[str, list[ParsedToolCall]]:
         """Content held back at the end: an unclosed call is returned as the text it was."""
         held = (START if self._inside else "") + self._buffer
         self._buffer, self._inside = "", False
-        return held
+        return held, []
 
     def _parse_or_none(self, body: str) -> ParsedToolCall | None:
         try:
@@ -151,6 +151,48 @@ def convert_value(value: str, schema: dict):
         except (ValueError, SyntaxError):
             continue
     return value
+
+
+class ForcedToolCalls:
+    """The output of a request whose tool_choice forced a call, decoded under a JSON grammar:
+    "required" gives [{"name": ..., "parameters": {...}}, ...] (vLLM's shape), a named function gives
+    its arguments object. Nothing streams before the end, where the JSON becomes the calls (or, if
+    it was cut off, plain content)."""
+
+    def __init__(self, function_name: str | None):
+        self.function_name = function_name  # None: "required"
+        self._buffer = ""
+
+    def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
+        self._buffer += text
+        return "", []
+
+    def finish(self) -> tuple[str, list[ParsedToolCall]]:
+        text, self._buffer = self._buffer, ""
+        try:
+            value = json.loads(text)
+            if self.function_name is not None:
+                calls = [ParsedToolCall(self.function_name, json.dumps(value, ensure_ascii=False))]
+            else:
+                calls = [ParsedToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+        except (ValueError, TypeError, KeyError):
+            return text, []
+        return "", calls
+
+
+def required_tool_calls_schema(tools: list[dict]) -> dict:
+    """JSON schema of a non-empty list of calls to the given tools (what tool_choice "required" decodes)."""
+    one_of = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["function"]["name"]},
+                           "parameters": t["function"].get("parameters") or {"type": "object"}},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }  # fmt: skip
+        for t in tools
+    ]
+    return {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
 
 
 TOOL_PARSERS = {"hermes": HermesToolParser, "qwen3_coder": Qwen3CoderToolParser, "qwen3_xml": Qwen3CoderToolParser}

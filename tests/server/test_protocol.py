@@ -17,9 +17,11 @@ from transformers import LlamaConfig
 from fp4serve.config import EngineConfig
 from fp4serve.engine.async_engine import AsyncEngine
 from fp4serve.engine.engine import LLMEngine
+from fp4serve.engine.grammar import xgrammar_available
 from fp4serve.server import build_app
 from fp4serve.server.options import ServerOptions
 
+needs_xgrammar = pytest.mark.skipif(not xgrammar_available(), reason="xgrammar is not installed")
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "w5 w17 w42"}]
@@ -79,17 +81,18 @@ def chat(app, **fields) -> httpx.Response:
         ({"messages": "hello"}, "messages", "messages"),
         ({"max_tokens": "many"}, "max_tokens", "max_tokens"),
         ({"temperature": 3.5, "top_p": 0}, "top_p", None),
-        ({"response_format": {"type": "json_object"}}, "no constrained decoding", "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-         "'json_schema' is not supported yet", "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs json_schema.schema",
+         "response_format"),
+        pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+                     "cannot be compiled into a grammar", None, marks=needs_xgrammar),
         ({"response_format": {"type": "yaml"}}, "response_format", "response_format"),
         ({"logit_bias": {"5": 10}}, "logit_bias is not supported", "logit_bias"),
         ({"guided_json": {"type": "object"}}, "constrained decoding", "guided_json"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, '"auto" tool choice requires', "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
-         "tool_choice required is not supported", "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+          "response_format": {"type": "json_object"}}, "cannot be combined", "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}],
-          "tool_choice": {"type": "function", "function": {"name": "f"}}}, "a named function", "tool_choice"),
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "'g', which is not in tools", "tool_choice"),
         ({"tool_choice": "auto"}, "tool_choice requires tools", "tool_choice"),
         ({"tools": [{"type": "function"}]}, "tools.0.function", "tools"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
@@ -250,3 +253,20 @@ def test_no_chat_input_is_a_server_error(app, overrides):
     assert response.status_code in (200, 400, 404), response.text
     if response.status_code != 200:
         assert_error(response, response.status_code, "")
+
+
+def test_without_xgrammar_constrained_requests_are_refused(app, monkeypatch):
+    monkeypatch.setattr("fp4serve.server.chat.xgrammar_available", lambda: False)
+    for fields in ({"response_format": {"type": "json_object"}},
+                   {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}):  # fmt: skip
+        assert_error(chat(app, **fields), 400, "needs the xgrammar package on the server")
+
+
+@needs_xgrammar
+def test_grammar_this_vocabulary_cannot_write_ends_the_request(app):
+    # The word-level test vocabulary has no token that starts a JSON object: the request stops
+    # (instead of sampling from an all-masked distribution).
+    response = chat(app, response_format={"type": "json_object"}, max_tokens=5)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("", "stop")

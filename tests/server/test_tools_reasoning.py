@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, LlamaConfig
 import fp4serve.engine.engine as engine_module
 from fp4serve.config import EngineConfig
 from fp4serve.engine.engine import LLMEngine
+from fp4serve.engine.grammar import xgrammar_available
 from fp4serve.engine.sampler import SamplerOutput
 from fp4serve.server.options import ServerOptions
 
@@ -158,3 +159,79 @@ def test_tool_choice_none_leaves_tool_text_alone(say, client):
                                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
     assert (whole.message.content, whole.message.tool_calls) == (text, [])
     assert streamed == (None, text, [], "stop")
+
+
+# ---- constrained decoding (the real sampler, a random model: only the grammar makes it JSON) -----
+needs_xgrammar = pytest.mark.skipif(not xgrammar_available(), reason="xgrammar is not installed")
+FORECAST = {"type": "object", "additionalProperties": False, "required": ["city", "rain", "days"],
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "rain": {"type": "boolean"},
+                           "days": {"type": "integer", "minimum": 1, "maximum": 9}}}  # fmt: skip
+
+
+def assert_forecast(value) -> None:
+    assert set(value) == {"city", "rain", "days"}
+    assert value["city"] in ("Paris", "Oslo") and isinstance(value["rain"], bool) and 1 <= value["days"] <= 9
+
+
+@needs_xgrammar
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema(live, client, stream):
+    args = {"model": "scripted", "messages": MESSAGES, "max_tokens": 100, "temperature": 1.0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST}}}  # fmt: skip
+    for seed in range(3):
+        if stream:
+            content, finish, _ = stream_chat(client.chat.completions.create(**args, seed=seed, stream=True))
+        else:
+            choice = client.chat.completions.create(**args, seed=seed).choices[0]
+            content, finish = choice.message.content, choice.finish_reason
+        assert finish == "stop"
+        assert_forecast(json.loads(content))
+    live.wait_idle()
+
+
+@needs_xgrammar
+def test_response_format_json_object(live, client):
+    choice = client.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=150, temperature=0,
+                                            response_format={"type": "json_object"}).choices[0]  # fmt: skip
+    assert choice.message.content.startswith("{")
+    if choice.finish_reason == "stop":  # the grammar lets the model stop only once the object is complete
+        assert isinstance(json.loads(choice.message.content), dict)
+    live.wait_idle()
+
+
+@needs_xgrammar
+def test_forced_tool_choice(live, client):
+    tools = [WEATHER_TOOL, {"type": "function", "function": {"name": "forecast", "parameters": FORECAST}}]
+    named = client.chat.completions.create(model="scripted", messages=MESSAGES, tools=tools, max_tokens=100, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "forecast"}})  # fmt: skip
+    [call] = named.choices[0].message.tool_calls
+    assert call.function.name == "forecast" and named.choices[0].finish_reason == "tool_calls"
+    assert_forecast(json.loads(call.function.arguments))
+    content, finish, calls = stream_chat(client.chat.completions.create(
+        model="scripted", messages=MESSAGES, tools=tools, max_tokens=100, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "forecast"}}))  # fmt: skip
+    assert (content, finish, [c.function.name for c in calls]) == ("", "tool_calls", ["forecast"])
+    assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)  # greedy both times
+
+    only_forecast = [{"type": "function", "function": {"name": "forecast", "parameters": FORECAST}}]
+    required = client.chat.completions.create(model="scripted", messages=MESSAGES, tools=only_forecast,
+                                              tool_choice="required", max_tokens=300, temperature=1.0, seed=3)  # fmt: skip
+    choice = required.choices[0]
+    if choice.finish_reason == "length":  # a random model may list calls until max_tokens: then it is plain text
+        assert choice.message.tool_calls == [] and choice.message.content.startswith("[")
+    else:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert call.function.name == "forecast"
+            assert_forecast(json.loads(call.function.arguments))
+    live.wait_idle()
+
+
+def stream_chat(chunks) -> tuple[str, str | None, list]:
+    content, finish, calls = "", None, []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    return content, finish, calls

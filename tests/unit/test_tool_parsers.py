@@ -36,7 +36,8 @@ def run(parser_class, chunks: list[str]) -> tuple[str, list[tuple[str, dict]]]:
         text, new = parser.feed(chunk)
         content += text
         calls += new
-    content += parser.finish()
+    tail, more = parser.finish()
+    content, calls = content + tail, calls + more
     for call in calls:
         assert call.id.startswith("chatcmpl-tool-")
     return content, [(c.name, json.loads(c.arguments)) for c in calls]
