@@ -122,8 +122,7 @@ class Qwen3CoderToolParser(ToolCallParser):
 
 def _strip_one_newline(value: str) -> str:
     """The model writes each value on its own lines: drop the one newline on each side."""
-    value = value[1:] if value.startswith("\n") else value
-    return value[:-1] if value.endswith("\n") else value
+    return value.removeprefix("\n").removesuffix("\n")
 
 
 def convert_value(value: str, schema: dict):
@@ -189,7 +188,7 @@ def required_tool_calls_schema(tools: list[dict]) -> dict:
                            "parameters": t["function"].get("parameters") or {"type": "object"}},
             "required": ["name", "parameters"],
             "additionalProperties": False,
-        }  # fmt: skip
+        }
         for t in tools
     ]
     return {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}

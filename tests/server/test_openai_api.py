@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 import httpx
 import openai
@@ -398,8 +397,8 @@ def test_concurrent_streams_all_complete(server, client, monkeypatch):
         return text, finish, usage.completion_tokens
 
     async def all_of_them():
-        async with openai.AsyncOpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60) as client:
-            return await asyncio.gather(*(one(client, p) for p in prompts))
+        async with openai.AsyncOpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60) as streams:
+            return await asyncio.gather(*(one(streams, p) for p in prompts))
 
     results = asyncio.run(all_of_them())
     assert [(finish, n) for _, finish, n in results] == [("length", 24)] * 16

@@ -9,9 +9,9 @@ import threading
 
 import httpx
 import pytest
+from conftest import make_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import make_checkpoint
 from transformers import LlamaConfig
 
 from fp4serve.config import EngineConfig
@@ -119,7 +119,7 @@ def test_ignored_and_accepted_fields(app):
 
 
 def test_completions_bad_requests(app):
-    post = lambda body: call(app, "POST", "/v1/completions", json={"model": "tiny"} | body)  # noqa: E731
+    post = lambda body: call(app, "POST", "/v1/completions", json={"model": "tiny"} | body)
     assert_error(post({"prompt": "w1", "echo": True}), 400, "echo is not supported", "echo")
     assert_error(post({"prompt": "w1", "best_of": 3}), 400, "best_of", "best_of")
     assert_error(post({"prompt": ["w1", "w2"]}), 400, "one prompt per request", "prompt")

@@ -10,7 +10,7 @@ import torch
 
 xgr = pytest.importorskip("xgrammar")
 
-from fp4serve.engine.grammar import GrammarLogitsProcessor  # noqa: E402
+from fp4serve.engine.grammar import GrammarLogitsProcessor
 
 VOCAB = ["{", "}", '"', "a", "b", ":", ",", "1", "2", "</s>", "x", " "]
 STOP = VOCAB.index("</s>")

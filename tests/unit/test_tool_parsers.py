@@ -104,7 +104,7 @@ def test_qwen3_coder_types_values_by_schema():
         ),
         ("<tool_call>no function here</tool_call>", ("<tool_call>no function here</tool_call>", [])),
         ("<tool_call><function=a></function><function=b></function></tool_call>",
-         ("<tool_call><function=a></function><function=b></function></tool_call>", [])),  # fmt: skip
+         ("<tool_call><function=a></function><function=b></function></tool_call>", [])),
     ],
 )
 def test_qwen3_coder_edge_cases(text, expected):
