@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from fp4serve.errors import Fp4ServeError
@@ -69,9 +70,82 @@ def sampling_params(engine, args):
 
 def cmd_serve(args) -> None:
     from fp4serve.server.app import run_server
+    from fp4serve.server.options import ServerOptions
 
-    names = args.served_model_name
-    run_server(engine_config(args), host=args.host, port=args.port, api_key=args.api_key, served_model_names=names)
+    options = ServerOptions(
+        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice, max_queue=args.max_queue,
+        max_request_body_size=args.max_request_body_size,
+    )  # fmt: skip
+    api_key = args.api_key or os.environ.get("FP4SERVE_API_KEY") or None
+    run_server(engine_config(args), host=args.host, port=args.port, api_key=api_key,
+               served_model_names=args.served_model_name, options=options)  # fmt: skip
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """`serve` flags that are not engine flags (vLLM's names where vLLM has them)."""
+    from fp4serve.server.options import DEFAULT_MAX_REQUEST_BODY_SIZE
+
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env FP4SERVE_API_KEY)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients may use; the first is the canonical one (default: the model argument)")  # fmt: skip
+    p.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
+                   help="move <think>...</think> text to reasoning_content")  # fmt: skip
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen3_coder", "qwen3_xml"],
+                   help="the model's tool-call format")  # fmt: skip
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='return the model\'s tool calls as tool_calls for tool_choice "auto" (needs --tool-call-parser)')  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="waiting requests beyond which new requests get 503 with Retry-After (default: no limit)")  # fmt: skip
+    p.add_argument("--max-request-body-size", default=str(DEFAULT_MAX_REQUEST_BODY_SIZE),
+                   help="largest request body, e.g. 16MiB; larger ones get 413")  # fmt: skip
+    # vLLM flags whose request fp4serve always fulfils: accepted, and listed in docs/serving.md.
+    p.add_argument("--enforce-eager", action="store_true", help="accepted: fp4serve always runs eagerly (no graphs)")
+    p.add_argument("--disable-log-requests", action="store_true", help="accepted: fp4serve does not log requests")
+    p.add_argument("--disable-log-stats", action="store_true", help="accepted: statistics are only on /metrics")
+    for flags, advice in UNSUPPORTED_VLLM_FLAGS.items():
+        p.add_argument(*flags, nargs="?", action=UnsupportedFlag, advice=advice, help=argparse.SUPPRESS)
+
+
+# vLLM flags that users type and fp4serve does not support (yet): refused with a message, never
+# silently ignored. docs/serving.md lists them.
+UNSUPPORTED_VLLM_FLAGS = {
+    ("--tensor-parallel-size", "-tp"): "fp4serve runs one model on one device",
+    ("--pipeline-parallel-size", "-pp"): "fp4serve runs one model on one device",
+    ("--data-parallel-size", "-dp"): "run several fp4serve servers behind a load balancer instead",
+    ("--enable-expert-parallel",): "fp4serve runs one model on one device",
+    ("--gpu-memory-utilization",): "size the cache with --kv-cache-memory (e.g. 8GiB) instead",
+    ("--kv-cache-memory-bytes",): "use --kv-cache-memory (e.g. 8GiB)",
+    ("--mamba-cache-mode",): "prefix caching of GDN state is not implemented; it is off for hybrid models",
+    ("--cpu-offload-gb",): "weights are not offloaded",
+    ("--swap-space",): "preempted requests are recomputed, never swapped",
+    ("--enable-lora", "--lora-modules"): "LoRA adapters are not supported",
+    ("--structured-outputs-config", "--guided-decoding-backend"): "constrained decoding is not supported",
+    ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "only the text path of models is served",
+    ("--load-format",): "fp4serve loads safetensors directories",
+    ("--download-dir", "--revision"): "fp4serve loads local directories and downloads nothing",
+    ("--tokenizer-mode",): "transformers' tokenizer is always used",
+    ("--rope-scaling", "--hf-overrides"): "edit the model's config.json instead",
+    ("--compilation-config", "-O"): "fp4serve does not compile the model",
+    ("--ssl-keyfile", "--ssl-certfile"): "put a TLS-terminating proxy in front of fp4serve",
+    ("--allowed-origins",): "CORS is not configurable; use a proxy",
+    ("--root-path",): "serve behind a proxy that strips the prefix",
+    ("--max-logprobs",): "the limit is fixed at 20",
+    ("--return-tokens-as-token-ids",): "tokens are returned as text",
+    ("--uvicorn-log-level",): "use --log-level",
+    ("--speculative-model", "--num-speculative-tokens"): "use --speculative-config JSON",
+}
+
+
+class UnsupportedFlag(argparse.Action):
+    def __init__(self, option_strings, dest, advice: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.advice = advice
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: fp4serve does not support this vLLM flag yet ({self.advice})")
 
 
 def cmd_generate(args) -> None:
@@ -133,10 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server", parents=[common])
     add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require this Bearer token on /v1/*")
-    serve.add_argument("--served-model-name", nargs="+", default=None, help="model names clients may use")
+    add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete prompts given as arguments or lines on stdin", parents=[common])

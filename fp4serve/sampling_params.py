@@ -28,6 +28,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives returned with each sampled token
     skip_special_tokens: bool = True
+    # Called by the sampler as fn(output_token_ids, logits) on the request's [1, V] float32 logits,
+    # which it may change in place (e.g. engine/grammar.py masks tokens a grammar does not allow).
+    logits_processors: list | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -62,6 +65,8 @@ class SamplingParams:
             bad(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
+            bad(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad(f"logprobs must be in [0, 20], got {self.logprobs}")
 

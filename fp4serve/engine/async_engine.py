@@ -130,6 +130,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued for the loop thread or waiting in the scheduler. Read
+        without a lock from the event loop, so it may be off by one step: good enough for a limit."""
+        return len(self.engine.scheduler.waiting) + sum(isinstance(c, _Add) for c in list(self._inbox))
+
     # ---- the event-loop side ------------------------------------------------------------------
     async def add_request(
         self, prompt: str | dict | list[int], params: SamplingParams, request_id: str

@@ -15,6 +15,7 @@ from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner
 from fp4serve.engine.sampler import SamplingRow, sample
 from fp4serve.engine.scheduler import Scheduler
+from fp4serve.engine.stats import EngineStats
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.layers.cache_spec import StateSpec
@@ -83,6 +84,7 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
+        self.stats = EngineStats()  # counters and latencies for /metrics
 
     def _init_caches(self) -> None:
         config = self.config
@@ -149,6 +151,7 @@ class LLMEngine:
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         self.prompts[request_id] = text
         self.scheduler.add(request)
+        self.stats.request_added(request_id)
         return request_id
 
     def _check_prompt(self, token_ids: list[int]) -> None:
@@ -167,7 +170,9 @@ class LLMEngine:
         request = self.scheduler.abort(request_id)
         if request is None:
             return None
-        return self._finish_output(request, "", [], None)
+        output = self._finish_output(request, "", [], None)
+        self.stats.record([output])
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -205,6 +210,7 @@ class LLMEngine:
         for request, logprobs in zip(requests, logprob_lists):
             added = request.output_token_ids[before[request.request_id] :]
             outputs.append(self._emit(request, added, logprobs[: len(added)] if logprobs is not None else None))
+        self.stats.record(outputs)
         if self.proposer is not None:
             self._propose(plan, step, num_accepted)
             self._spec_logger.maybe_log()

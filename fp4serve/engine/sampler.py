@@ -2,7 +2,7 @@
 
 The pipeline for a batch of N rows (one row per sequence that needs a token this step):
 
-    raw logits --penalties, min_tokens--> (greedy rows: argmax)
+    raw logits --penalties, min_tokens, per-request processors (grammar masks)--> (greedy rows: argmax)
                --temperature, min_p, top_k, top_p--> probabilities --one uniform per row--> token
 
 The order is vLLM v1's: penalties and masks first, then temperature, min_p, top_k and top_p (top_p on
@@ -63,6 +63,7 @@ def apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     _apply_penalties(logits, rows)
     _mask_stop_tokens_before_min_tokens(logits, rows)
+    _apply_request_processors(logits, rows)
     _apply_temperature_and_truncation(logits, [row.params for row in rows])
     return logits
 
@@ -138,6 +139,13 @@ def _mask_stop_tokens_before_min_tokens(logits: torch.Tensor, rows: list[Samplin
     if token_ids:
         device = logits.device
         logits[torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)] = -math.inf
+
+
+def _apply_request_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Per-request processors (SamplingParams.logits_processors), each on its own row, in place."""
+    for i, row in enumerate(rows):
+        for processor in row.params.logits_processors or ():
+            processor(row.output_token_ids, logits[i : i + 1])
 
 
 # --- temperature and truncation (non-greedy rows) --------------------------------------------

@@ -1,30 +1,45 @@
-"""The HTTP server: routes, API-key auth, every error as OpenAI error JSON, client disconnects, and
-`run_server`, which loads the engine and runs uvicorn.
+"""The HTTP server: routes, every error as OpenAI error JSON, client disconnects, and `run_server`,
+which loads the engine and runs uvicorn.
 
-Routes only resolve the model name and hand the parsed request to chat.py or completions.py, which
-return a response model or an EventStream; this module turns either into HTTP. A client that goes
-away cancels its handler (non-streaming) or its stream, and both paths abort the engine request.
+Library use (the benchmark client starts servers in-process):
+
+    build_app(async_engine, served_model_names, api_key=None, options=None) -> FastAPI
+    run_server(engine_config, host="127.0.0.1", port=8000, api_key=None, served_model_names=None,
+               options=None)   # blocks until interrupted
+
+Routes only resolve the model name and hand the parsed request to chat.py, completions.py or
+tokenize.py, which return a response model or an EventStream; this module turns either into HTTP. A
+client that goes away cancels its handler (non-streaming) or its stream, and both paths abort the
+engine request. Auth (auth.py) and the body size limit (limits.py) are ASGI middleware.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import secrets
+import shlex
+import sys
 from collections.abc import Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from fp4serve import __version__
 from fp4serve.config import EngineConfig
 from fp4serve.engine.async_engine import AsyncEngine
+from fp4serve.engine.grammar import GrammarCompiler
 from fp4serve.errors import Fp4ServeError
+from fp4serve.server.auth import BearerAuth
 from fp4serve.server.chat import create_chat_completion
 from fp4serve.server.completions import create_completion
+from fp4serve.server.limits import BodySizeLimit
+from fp4serve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from fp4serve.server.metrics import metrics_registry, render
+from fp4serve.server.options import ServerOptions
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -32,21 +47,41 @@ from fp4serve.server.protocol import (
     EventStream,
     ModelCard,
     ModelList,
-    error_response,
+    error_json,
+)
+from fp4serve.server.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
 )
 
 log = logging.getLogger(__name__)
 
 
-def build_app(async_engine: AsyncEngine, served_model_names: list[str], api_key: str | None = None) -> FastAPI:
+def build_app(
+    async_engine: AsyncEngine,
+    served_model_names: list[str],
+    api_key: str | None = None,
+    options: ServerOptions | None = None,
+) -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine. The first served name is the default
-    for requests that name no model; every name is an alias of the one model."""
+    for requests that name no model; every name is an alias of the one model. `options` holds the
+    server-only flags (parsers, queue and body limits); None: their defaults."""
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
-    app = FastAPI(title="fp4serve", summary="OpenAI-compatible LLM server")
+    options = options or ServerOptions()
+    app = FastAPI(title="fp4serve", summary="OpenAI-compatible LLM server", version=__version__)
     _install_error_handlers(app)
+    # Added last = runs first: a too-large body is refused even before the key is checked.
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(BodySizeLimit, max_bytes=options.max_request_body_size)
+    registry = metrics_registry(async_engine.engine, served_model_names[0])
+    engine = async_engine.engine
+    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
 
     def resolve_model(requested: str | None) -> str:
         if not requested:
@@ -55,11 +90,26 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str], api_key:
             raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
         return requested
 
+    def check_queue() -> None:
+        if options.max_queue is not None and async_engine.num_waiting() >= options.max_queue:
+            raise APIError(
+                503, f"the server is busy: {options.max_queue} requests are already waiting; retry shortly",
+                code="server_busy", headers={"Retry-After": "1"},
+            )  # fmt: skip
+
     @app.get("/health")
     async def health() -> Response:
         if not async_engine.is_running:
-            return _error_json(APIError(503, "the engine is not running"))
+            return error_json(APIError(503, "the engine is not running"))
         return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(registry), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -70,12 +120,24 @@ def build_app(async_engine: AsyncEngine, served_model_names: list[str], api_key:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = resolve_model(body.model)
+        check_queue()
         return await _respond(request, create_completion(async_engine, body, model))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = resolve_model(body.model)
-        return await _respond(request, create_chat_completion(async_engine, body, model))
+        check_queue()
+        return await _respond(request, create_chat_completion(async_engine, body, model, options, grammars))
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        resolve_model(body.model)
+        return tokenize(async_engine, body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        resolve_model(body.model)
+        return detokenize(async_engine, body)
 
     return app
 
@@ -124,52 +186,27 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-# ---- auth ---------------------------------------------------------------------------------------
-class BearerAuth:
-    """ASGI middleware: requests under /v1 must carry `Authorization: Bearer <api_key>` (the
-    openai client's `api_key`). It runs before routing and parsing, so it answers first."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self._expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorized(scope):
-            error = APIError(
-                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
-            )
-            response = _error_json(error, headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, scope) -> bool:
-        given = Headers(scope=scope).get("authorization", "").encode()
-        return secrets.compare_digest(given, self._expected)  # constant time: no timing oracle
-
-
 # ---- errors -------------------------------------------------------------------------------------
-def _error_json(error: Exception, headers: dict | None = None) -> JSONResponse:
-    status, body = error_response(error)
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers a malformed request with 400 and its error JSON, not FastAPI's 422 list.
         problems = []
         for error in exc.errors():
             location = ".".join(str(part) for part in error["loc"] if part != "body")
-            problems.append(f"{location}: {error['msg']}" if location else error["msg"])
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        param = ".".join(str(part) for part in first if part != "body") or None
-        return _error_json(APIError(400, "; ".join(problems) or "invalid request", param=param))
+            if not location or error["type"] == "json_invalid":
+                problems.append(f"the request body is not a JSON object ({error['msg']})")
+            else:
+                problems.append(f"{location}: {error['msg']}")
+        # The top-level field, as OpenAI names it (deeper parts of a location include pydantic's union tags).
+        first = [part for part in (exc.errors()[0]["loc"] if exc.errors() else ()) if part != "body"]
+        param = str(first[0]) if first else None
+        return error_json(APIError(400, "; ".join(problems) or "invalid request", param=param))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error_json(APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
+        return error_json(APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     async def our_error(request: Request, exc: Exception) -> JSONResponse:
-        return _error_json(exc)
+        return error_json(exc)
 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -186,28 +223,41 @@ def run_server(
     port: int = 8000,
     api_key: str | None = None,
     served_model_names: list[str] | None = None,
+    options: ServerOptions | None = None,
 ) -> None:
     """Load the model, then serve it until interrupted."""
     import uvicorn
 
     from fp4serve.engine.engine import LLMEngine
 
+    options = options or ServerOptions()
+    if engine_config.trust_remote_code:
+        log.info("--trust-remote-code: accepted for vLLM compatibility; fp4serve runs no code from model directories")
     engine = LLMEngine(engine_config)
     names = served_model_names or _default_names(engine_config)
     async_engine = AsyncEngine(engine)
     try:
-        app = build_app(async_engine, names, api_key)
-        log.info("serving %s at http://%s:%d/v1", ", ".join(names), host, port)
+        app = build_app(async_engine, names, api_key, options)
+        print(ready_message(host, port, names[0], api_key is not None), file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5)
     finally:
         async_engine.shutdown()
 
 
+def ready_message(host: str, port: int, model: str, with_key: bool) -> str:
+    """The URL and a curl line that works as pasted."""
+    url_host = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "") else host)
+    base = f"http://{url_host}:{port}"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    auth = ' -H "Authorization: Bearer $FP4SERVE_API_KEY"' if with_key else ""
+    return (
+        f"fp4serve: serving {model} at {base}/v1\n"
+        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
+    )
+
+
 def _default_names(config: EngineConfig) -> list[str]:
-    """--served-model-name if given, else the --model argument as typed (vLLM's rule)."""
-    if config.served_model_name:
-        names = config.served_model_name
-        return [names] if isinstance(names, str) else list(names)
+    """The model argument as typed (vLLM's rule), or the embedded default model's name."""
     if config.model:
         return [config.model]
     from fp4serve.default_model import DEFAULT_MODEL_NAME

@@ -1,15 +1,20 @@
 """POST /v1/chat/completions: messages -> the model's chat template -> token ids -> the assistant's
-reply, whole or streamed. The place where reasoning and tool-call parsers will sit between the
-engine's text and the reply's fields."""
+reply, whole or streamed. Between the engine's text and the reply's fields sit the reasoning parser
+(<think> text -> `reasoning_content`) and the tool-call parser (tool-call text -> `tool_calls`); a
+stream and a whole reply run the same parsers, so they always agree."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
+from fp4serve.engine.grammar import GrammarCompiler, GrammarLogitsProcessor, xgrammar_available
 from fp4serve.engine.sampler import TokenLogprobs
 from fp4serve.errors import InvalidRequestError
+from fp4serve.server.options import ServerOptions
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionChoice,
@@ -22,76 +27,236 @@ from fp4serve.server.protocol import (
     ChatLogProbsContent,
     ChatResponseMessage,
     DeltaMessage,
+    DeltaToolCall,
     EventStream,
+    FunctionCall,
+    NamedToolChoice,
+    ToolCall,
     UsageInfo,
     sse_events,
+)
+from fp4serve.server.reasoning import REASONING_PARSERS, prompt_opens_reasoning
+from fp4serve.server.tools import (
+    TOOL_PARSERS,
+    ForcedToolCalls,
+    ParsedToolCall,
+    ToolCallParser,
+    required_tool_calls_schema,
 )
 from fp4serve.tokenizer import chat_prompt_ids
 
 
 async def create_chat_completion(
-    engine: AsyncEngine, request: ChatCompletionRequest, model: str
+    engine: AsyncEngine,
+    request: ChatCompletionRequest,
+    model: str,
+    options: ServerOptions,
+    grammars: GrammarCompiler | None = None,
 ) -> ChatCompletionResponse | EventStream:
+    tool_parser = _tool_parser(request, options)
+    schema = _output_schema(request)
     prompt_ids = apply_chat_template(engine.tokenizer, request)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    reasoning = None
+    if schema is not None:  # the whole output is JSON: no room for a <think> block
+        params.logits_processors = [await _grammar_processor(grammars, schema)]
+    else:
+        reasoning = _reasoning_parser(engine.tokenizer, request, options, prompt_ids)
+    parser = ReplyParser(reasoning, tool_parser)
     stream = await engine.add_request({"prompt_token_ids": prompt_ids, "prompt": None}, params, request_id)
     if request.stream:
-        chunks = _stream_chunks(stream, engine.tokenizer, request, model)
+        chunks = _stream_chunks(stream, engine.tokenizer, request, model, parser)
         return EventStream(sse_events(chunks), stream.close)
 
     output = await stream.final_output()
     completion = output.outputs[0]
+    reasoning, content, calls = parser.feed(completion.text)
+    more_reasoning, more_content, more_calls = parser.finish()
+    reasoning, content, calls = reasoning + more_reasoning, content + more_content, calls + more_calls
     logprobs = None
     if completion.logprobs is not None:
         logprobs = _logprobs(engine.tokenizer, completion.logprobs)
+    message = ChatResponseMessage(
+        content=content if content or not calls else None,
+        reasoning_content=reasoning or None,
+        tool_calls=[ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls],
+    )
     choice = ChatCompletionChoice(
-        message=ChatResponseMessage(content=completion.text),
+        message=message,
         logprobs=logprobs,
-        finish_reason=completion.finish_reason,
+        finish_reason=_finish_reason(completion.finish_reason, bool(calls)),
         stop_reason=completion.stop_reason,
     )
     usage = UsageInfo.of(len(output.prompt_token_ids), len(completion.token_ids))
     return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=usage)
 
 
+# ---- what the request asks for --------------------------------------------------------------
+def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | ForcedToolCalls | None:
+    """The parser for this request's tool calls, or None when its output is plain content (vLLM's rules)."""
+    choice = request.effective_tool_choice
+    if request.tool_choice not in (None, "none") and not request.tools:
+        raise APIError(400, "tool_choice requires tools to be set", param="tool_choice")
+    if choice == "none":
+        return None
+    if choice == "required":
+        return ForcedToolCalls(None)
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in {t.function.name for t in request.tools}:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
+        return ForcedToolCalls(choice.function.name)
+    if not (options.enable_auto_tool_choice and options.tool_call_parser):
+        raise APIError(
+            400,
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            param="tool_choice",
+        )
+    return TOOL_PARSERS[options.tool_call_parser]([t.model_dump() for t in request.tools])
+
+
+def _output_schema(request: ChatCompletionRequest) -> dict | None:
+    """The JSON schema the output is held to (constrained decoding), or None for free text."""
+    choice = request.effective_tool_choice
+    fmt = request.response_format
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced and fmt is not None and fmt.type != "text":
+        raise APIError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
+    if choice == "required":
+        return required_tool_calls_schema([t.model_dump() for t in request.tools])
+    if isinstance(choice, NamedToolChoice):
+        tool = next(t for t in request.tools if t.function.name == choice.function.name)  # checked in _tool_parser
+        return tool.function.parameters or {"type": "object"}
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    schema = (fmt.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                       param="response_format")  # fmt: skip
+    return schema
+
+
+async def _grammar_processor(grammars: GrammarCompiler | None, schema: dict) -> GrammarLogitsProcessor:
+    if grammars is None or not xgrammar_available():
+        raise APIError(
+            400,
+            "constrained decoding (response_format json_object/json_schema, tool_choice required or named) "
+            "needs the xgrammar package on the server: pip install xgrammar",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    # Compiling indexes the vocabulary the first time (seconds for a large one): not on the event loop.
+    compiled = await asyncio.to_thread(grammars.json_schema, schema)
+    return GrammarLogitsProcessor(compiled)
+
+
+def _reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):
+    if options.reasoning_parser is None or (request.chat_template_kwargs or {}).get("enable_thinking") is False:
+        return None
+    # The last few prompt tokens tell whether the template opened a think block for the model.
+    tail = tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
+    return REASONING_PARSERS[options.reasoning_parser](prompt_opens_reasoning(tail))
+
+
+class ReplyParser:
+    """Output text -> (reasoning, content, tool calls): reasoning first, tool calls in the content."""
+
+    def __init__(self, reasoning, tools: ToolCallParser | ForcedToolCalls | None):
+        self.reasoning = reasoning
+        self.tools = tools
+
+    def feed(self, text: str) -> tuple[str, str, list[ParsedToolCall]]:
+        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
+        if self.tools is None:
+            return reasoning, content, []
+        content, calls = self.tools.feed(content)
+        return reasoning, content, calls
+
+    def finish(self) -> tuple[str, str, list[ParsedToolCall]]:
+        reasoning, content = self.reasoning.finish() if self.reasoning else ("", "")
+        if self.tools is None:
+            return reasoning, content, []
+        content, calls = self.tools.feed(content)
+        tail, more = self.tools.finish()
+        return reasoning, content + tail, calls + more
+
+
+def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
+    return "tool_calls" if called_tools and reason == "stop" else reason
+
+
+# ---- the prompt -----------------------------------------------------------------------------
 def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in request.messages]
+    tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
     try:
-        return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs)
+        return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs, tools)
     except InvalidRequestError as e:
         raise APIError(400, str(e), param="messages") from e
+    except (TypeError, ValueError) as e:  # e.g. no messages, or chat_template_kwargs the tokenizer refuses
+        raise APIError(400, f"the chat template cannot render this request: {e}", param="messages") from e
+
+
+_NOT_TEXT = {"image_url": "images", "input_image": "images", "image": "images", "input_audio": "audio",
+             "audio_url": "audio", "video_url": "video", "file": "files"}  # fmt: skip
 
 
 def _template_message(message: dict) -> dict:
-    """OpenAI allows content as a list of parts; templates expect a string. Only text parts exist here."""
+    """OpenAI allows content as a list of parts; templates expect a string. Only text parts exist
+    here. Tool-call arguments arrive as JSON strings; templates iterate them as mappings."""
     content = message.get("content")
     if isinstance(content, list):
         texts = []
         for part in content:
-            if part.get("type") != "text":
-                raise APIError(400, f"content parts of type {part.get('type')!r} are not supported", param="messages")
-            texts.append(part.get("text", ""))
+            kind = part.get("type")
+            if kind in _NOT_TEXT:
+                raise APIError(400, f"{_NOT_TEXT[kind]} are not supported by this model: send text only", param="messages")
+            if kind != "text":
+                raise APIError(400, f"content parts of type {kind!r} are not supported", param="messages")
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, "a text content part needs a string `text`", param="messages")
+            texts.append(part["text"])
         message["content"] = "\n".join(texts)
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError as e:
+                raise APIError(400, f"tool call arguments are not valid JSON: {e}", param="messages") from e
     return message
 
 
+# ---- streaming ------------------------------------------------------------------------------
 async def _stream_chunks(
-    stream: RequestStream, tokenizer, request: ChatCompletionRequest, model: str
+    stream: RequestStream, tokenizer, request: ChatCompletionRequest, model: str, parser: ReplyParser
 ) -> AsyncIterator[ChatCompletionStreamResponse]:
     def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None):
         return ChatCompletionStreamResponse(id=stream.request_id, model=model, choices=choices, usage=usage)
 
     # OpenAI opens every stream with the role and empty content, before any token exists.
     yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+    num_calls = 0
     async for output in stream:
         completion = output.outputs[0]
-        if not (output.delta_text or output.delta_logprobs or output.finished):
-            continue  # the detokenizer held this step's text back (partial character or stop string)
+        reasoning, content, calls = parser.feed(output.delta_text)
+        if output.finished:
+            more_reasoning, more_content, more_calls = parser.finish()
+            reasoning, content, calls = reasoning + more_reasoning, content + more_content, calls + more_calls
+        if not (reasoning or content or calls or output.delta_logprobs or output.finished):
+            continue  # text held back (partial character, stop string or tag)
+        tool_calls = [
+            DeltaToolCall(index=num_calls + i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for i, c in enumerate(calls)
+        ]
+        num_calls += len(calls)
+        delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None, tool_calls=tool_calls or None)
         choice = ChatCompletionStreamChoice(
-            delta=DeltaMessage(content=output.delta_text or None),
+            delta=delta,
             logprobs=_logprobs(tokenizer, output.delta_logprobs) if output.delta_logprobs is not None else None,
-            finish_reason=completion.finish_reason,
+            finish_reason=_finish_reason(completion.finish_reason, num_calls > 0),
             stop_reason=completion.stop_reason,
         )
         yield chunk([choice])

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from fp4serve.errors import Fp4ServeError, InvalidRequestError
 from fp4serve.sampling_params import SamplingParams
@@ -41,12 +41,15 @@ class ErrorResponse(OpenAIModel):
 class APIError(Exception):
     """An error answered with `status` and OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 def error_response(error: Exception) -> tuple[int, ErrorResponse]:
@@ -60,6 +63,15 @@ def error_response(error: Exception) -> tuple[int, ErrorResponse]:
     # OpenAI's own types: the caller's fault, or ours.
     kind = "server_error" if status >= 500 else "invalid_request_error"
     return status, ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
+
+
+def error_json(error: Exception, headers: dict | None = None):
+    """The JSONResponse for any exception; an APIError's own headers (e.g. Retry-After) included."""
+    from fastapi.responses import JSONResponse
+
+    status, body = error_response(error)
+    headers = {**(getattr(error, "headers", None) or {}), **(headers or {})}
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers or None)
 
 
 # ---- server-sent events -------------------------------------------------------------------------
@@ -125,9 +137,42 @@ class ModelList(OpenAIModel):
     data: list[ModelCard]
 
 
+# OpenAI and vLLM request fields that fp4serve does not implement. Sent with a value that asks for
+# something (anything but null, false, 0 or empty), they get a 400 naming the field, instead of
+# being ignored like truly unknown fields: a client relying on them must not get a silent wrong answer.
+UNSUPPORTED_FIELDS = {
+    "logit_bias": "logit_bias is not supported",
+    "best_of": "best_of is not supported; send separate requests",
+    "echo": "echo is not supported",
+    "suffix": "suffix (insertion) is not supported",
+    "functions": "functions/function_call are deprecated by OpenAI and not supported; use tools",
+    "function_call": "functions/function_call are deprecated by OpenAI and not supported; use tools",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "prompt_logprobs": "prompt_logprobs is not supported",
+    "guided_json": "constrained decoding (guided_*) is not supported yet",
+    "guided_regex": "constrained decoding (guided_*) is not supported yet",
+    "guided_choice": "constrained decoding (guided_*) is not supported yet",
+    "guided_grammar": "constrained decoding (guided_*) is not supported yet",
+    "structured_outputs": "constrained decoding (structured_outputs) is not supported yet",
+}
+
+
 class SamplingRequest(OpenAIModel):
     """Fields common to /v1/completions and /v1/chat/completions. A sampling field left out (None)
     takes the model's generation_config default, then SamplingParams' own."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, reason in UNSUPPORTED_FIELDS.items():
+                if data.get(name) not in (None, False, 0, "", [], {}):
+                    raise APIError(400, f"{reason} by fp4serve", param=name, code="unsupported_parameter")
+            if data.get("modalities") not in (None, ["text"]):
+                raise APIError(400, "only text output is supported", param="modalities", code="unsupported_parameter")
+        return data
 
     model: str | None = None  # None: the first served model name
     n: int = 1
@@ -248,6 +293,31 @@ class ChatMessage(OpenAIModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class FunctionDefinition(OpenAIModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
@@ -255,6 +325,17 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # accepted; the model decides how many calls it writes
+    response_format: ResponseFormat | None = None
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
     def requested_max_tokens(self) -> int | None:
         # max_tokens is OpenAI's deprecated name for max_completion_tokens.
@@ -280,9 +361,26 @@ class ChatCompletionLogProbs(OpenAIModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON object as a string
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int
+
+
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # vLLM's field for the text of a <think> block
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(OpenAIModel):
@@ -305,6 +403,8 @@ class ChatCompletionResponse(OpenAIModel):
 class DeltaMessage(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _only_what_changed(self, handler):

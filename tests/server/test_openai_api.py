@@ -11,65 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from conftest import make_checkpoint
+from live_server import Server
 from transformers import LlamaConfig
 
 from fp4serve.config import EngineConfig
-from fp4serve.engine.async_engine import AsyncEngine
 from fp4serve.engine.engine import LLMEngine
 from fp4serve.sampling_params import SamplingParams
-from fp4serve.server import build_app
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
 MESSAGES = [{"role": "user", "content": "w5 w17 w42 w99"}]
 PROMPT = "w1 w2 w3 w4 w5"
-
-
-class Server:
-    """An app served by uvicorn in a thread; `url` is its /v1 base URL."""
-
-    def __init__(self, engine: LLMEngine, names: list[str], api_key: str | None):
-        self.engine = engine
-        self.async_engine = AsyncEngine(engine)
-        app = build_app(self.async_engine, names, api_key)
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        host, port = self._socket.getsockname()
-        self.base = f"http://{host}:{port}"
-        self.url = f"{self.base}/v1"
-        # log_config=None: uvicorn's errors reach the root logger, where the `server` fixture sees them.
-        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._socket]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._uvicorn.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self._uvicorn.should_exit = True
-        self._thread.join(timeout=10)
-        self.async_engine.shutdown()
-        self._socket.close()
-
-    def wait_idle(self, timeout: float = 20) -> None:
-        """Until the engine has no request and all KV blocks are free again."""
-        pool = self.engine.block_pool
-        deadline = time.monotonic() + timeout
-        while self.engine.has_unfinished_requests() or self.engine.requests or pool.num_free != pool.num_blocks:
-            assert time.monotonic() < deadline, (
-                f"engine not idle: {len(self.engine.requests)} requests, {pool.num_free}/{pool.num_blocks} blocks free"
-            )
-            time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -368,13 +325,16 @@ def test_async_engine_generate(server):
 # ---- aborts and concurrency ---------------------------------------------------------------------
 @pytest.fixture
 def recorded_aborts(server, monkeypatch):
-    """What engine.abort_request returned for each call: an output only if the request was live."""
+    """What engine.abort_request returned for each call (an output only if the request was live),
+    and the free KV blocks right after it."""
     aborts = {}
     real_abort = server.engine.abort_request
 
     def abort(request_id):
-        aborts[request_id] = real_abort(request_id)
-        return aborts[request_id]
+        output = real_abort(request_id)
+        aborts[request_id] = output
+        aborts.setdefault("free_blocks_after", []).append(server.engine.block_pool.num_free)
+        return output
 
     monkeypatch.setattr(server.engine, "abort_request", abort)
     return aborts
@@ -387,10 +347,14 @@ def test_closed_stream_aborts_the_request(server, client, recorded_aborts, endpo
         stream = client.chat.completions.create(messages=MESSAGES, **args)
     else:
         stream = client.completions.create(prompt=PROMPT, **args)
+    pool = server.engine.block_pool
     first = next(iter(stream))
+    assert pool.num_free < pool.num_blocks  # the request holds KV blocks while it streams
     stream.close()
     server.wait_idle()
     assert recorded_aborts[first.id].outputs[0].finish_reason == "abort"
+    # The abort itself gave every block back: the cache is at its idle value before any further step.
+    assert recorded_aborts["free_blocks_after"] == [pool.num_blocks]
 
 
 def test_client_gone_aborts_non_streaming_request(server, recorded_aborts):
@@ -399,11 +363,17 @@ def test_client_gone_aborts_non_streaming_request(server, recorded_aborts):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/completions", json=body, headers=headers, timeout=0.3)
     server.wait_idle()
-    [output] = recorded_aborts.values()
+    [output] = [value for key, value in recorded_aborts.items() if key != "free_blocks_after"]
     assert output.outputs[0].finish_reason == "abort"
+    assert recorded_aborts["free_blocks_after"] == [server.engine.block_pool.num_blocks]
 
 
-def test_concurrent_streams_all_complete(server, monkeypatch):
+def test_concurrent_streams_all_complete(server, client, monkeypatch):
+    """16 streams at once: each one's text equals what the same request gives alone."""
+    prompts = [f"w{i} w{i + 1} w{2 * i + 7}" for i in range(16)]
+    args = {"model": "tiny", "max_tokens": 24, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    alone = [client.completions.create(prompt=p, **args).choices[0].text for p in prompts]
+
     peak = 0  # the most requests the engine held at once: they must really have run together
     real_step = server.engine.step
 
@@ -414,16 +384,9 @@ def test_concurrent_streams_all_complete(server, monkeypatch):
 
     monkeypatch.setattr(server.engine, "step", step)
 
-    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str, int]:
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str, int]:
         stream = await client.completions.create(
-            model="tiny",
-            prompt=f"w{i} w{i + 1}",
-            max_tokens=32,
-            temperature=0.8,
-            seed=i,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
+            prompt=prompt, stream=True, stream_options={"include_usage": True}, **args
         )
         text, finish, usage = "", None, None
         async for chunk in stream:
@@ -434,13 +397,89 @@ def test_concurrent_streams_all_complete(server, monkeypatch):
         return text, finish, usage.completion_tokens
 
     async def all_of_them():
-        async with openai.AsyncOpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(8)))
+        async with openai.AsyncOpenAI(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60) as streams:
+            return await asyncio.gather(*(one(streams, p) for p in prompts))
 
     results = asyncio.run(all_of_them())
-    assert [(finish, n) for _, finish, n in results] == [("length", 32)] * 8
-    assert all(len(text.split()) >= 16 for text, _, _ in results)
-    assert peak > 1
+    assert [(finish, n) for _, finish, n in results] == [("length", 24)] * 16
+    assert [text for text, _, _ in results] == alone
+    assert peak > 8
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus_client's own parser: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{server.base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+def test_metrics_count_what_was_served(server, client):
+    before = scrape(server)
+    replies = [
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=n, extra_body={"ignore_eos": True})
+        for n in (1, 5, 9)
+    ]
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()  # an aborted request
+    server.wait_idle()
+    after = scrape(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    generated = sum(r.usage.completion_tokens for r in replies)
+    assert delta("vllm:request_success_total", finished_reason="length") == 3
+    assert delta("vllm:request_success_total", finished_reason="abort") == 1
+    assert delta("vllm:generation_tokens_total") >= generated + 1  # + what the aborted stream got
+    assert delta("vllm:prompt_tokens_total") == 4 * replies[0].usage.prompt_tokens
+    assert delta("vllm:time_to_first_token_seconds_count") == 4
+    assert delta("vllm:e2e_request_latency_seconds_count") == 4
+    # one inter-token interval per token after the first
+    assert delta("vllm:inter_token_latency_seconds_count") == delta("vllm:generation_tokens_total") - 4
+    assert delta("vllm:e2e_request_latency_seconds_sum") > 0
+    assert after[("vllm:e2e_request_latency_seconds_bucket", (("le", "+Inf"),))] == after[
+        ("vllm:e2e_request_latency_seconds_count", ())
+    ]
+    assert after[("vllm:num_requests_running", ())] == after[("vllm:num_requests_waiting", ())] == 0
+    assert after[("vllm:kv_cache_usage_perc", ())] == 0
+    assert not any(name.startswith("vllm:spec_decode") for name, _ in after)  # no drafting, no counters
+
+
+def test_prefix_cache_metrics(server, client):
+    prompt = " ".join(f"w{i}" for i in range(40, 80))  # 40 tokens: two full 16-token blocks
+    before = scrape(server)
+    for _ in range(2):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    after = scrape(server)
+    queries = after[("vllm:prefix_cache_queries_total", ())] - before[("vllm:prefix_cache_queries_total", ())]
+    hits = after[("vllm:prefix_cache_hits_total", ())] - before[("vllm:prefix_cache_hits_total", ())]
+    assert (queries, hits) == (64, 32)  # the second request found both blocks of the first
+
+
+def test_spec_decoding_metrics(server, monkeypatch):
+    from fp4serve.spec.metrics import SpecDecodingStats
+
+    spec = SpecDecodingStats(num_speculative_tokens=3)
+    spec.observe(3, 2)
+    spec.observe(3, 3)
+    spec.observe(2, 0)
+    monkeypatch.setattr(server.engine, "spec_stats", spec)
+    samples = scrape(server)
+    assert samples[("vllm:spec_decode_num_drafts_total", ())] == 3
+    assert samples[("vllm:spec_decode_num_draft_tokens_total", ())] == 8
+    assert samples[("vllm:spec_decode_num_accepted_tokens_total", ())] == 5
+    per_position = [samples[("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(i)),))] for i in range(3)]
+    assert per_position == [2, 2, 1]
 
 
 # ---- real text ----------------------------------------------------------------------------------

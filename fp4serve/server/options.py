@@ -1,0 +1,34 @@
+"""Server-only settings (the `serve` flags that are not engine flags), checked once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fp4serve.config import parse_bytes
+from fp4serve.errors import ConfigError
+from fp4serve.server.reasoning import REASONING_PARSERS
+from fp4serve.server.tools import TOOL_PARSERS
+
+DEFAULT_MAX_REQUEST_BODY_SIZE = 16 * 2**20
+
+
+@dataclass
+class ServerOptions:
+    reasoning_parser: str | None = None  # --reasoning-parser: qwen3
+    tool_call_parser: str | None = None  # --tool-call-parser: hermes | qwen3_coder | qwen3_xml
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: parse tool calls for tool_choice "auto"
+    max_queue: int | None = None  # --max-queue: waiting requests beyond which new ones get 503
+    max_request_body_size: int | str = DEFAULT_MAX_REQUEST_BODY_SIZE  # --max-request-body-size, bytes
+
+    def __post_init__(self):
+        self.max_request_body_size = parse_bytes(self.max_request_body_size)
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ConfigError(f"--reasoning-parser {self.reasoning_parser!r}: choose {', '.join(REASONING_PARSERS)}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ConfigError(f"--tool-call-parser {self.tool_call_parser!r}: choose {', '.join(TOOL_PARSERS)}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice requires --tool-call-parser")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ConfigError("--max-queue must be >= 1")
+        if self.max_request_body_size < 1:
+            raise ConfigError("--max-request-body-size must be at least 1 byte")

@@ -1,0 +1,63 @@
+"""POST /tokenize and POST /detokenize (vLLM's shapes): what the server would feed the model for a
+prompt or a conversation, and the text of token ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fp4serve.engine.async_engine import AsyncEngine
+from fp4serve.server.chat import apply_chat_template
+from fp4serve.server.protocol import APIError, ChatCompletionRequest, ChatMessage, OpenAIModel, ToolDefinition
+
+
+class TokenizeRequest(OpenAIModel):
+    """Either `prompt` (completions) or `messages` (chat, rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = True  # for `prompt`; a chat template writes its own
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str
+
+
+def tokenize(engine: AsyncEngine, request: TokenizeRequest) -> TokenizeResponse:
+    tokenizer = engine.tokenizer
+    if (request.prompt is None) == (request.messages is None):
+        raise APIError(400, "send exactly one of `prompt` and `messages`", param="prompt")
+    if request.messages is not None:
+        chat = ChatCompletionRequest(
+            messages=request.messages, add_generation_prompt=request.add_generation_prompt,
+            chat_template_kwargs=request.chat_template_kwargs, tools=request.tools,
+        )  # fmt: skip
+        tokens = apply_chat_template(tokenizer, chat)
+    else:
+        tokens = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
+    strs = tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None
+    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=strs)
+
+
+def detokenize(engine: AsyncEngine, request: DetokenizeRequest) -> DetokenizeResponse:
+    vocab_size = engine.engine.vocab_size
+    bad = [t for t in request.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"token ids out of the vocabulary [0, {vocab_size}): {bad[:10]}", param="tokens")
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens))
