@@ -204,10 +204,7 @@ def run_server(
 
 
 def _default_names(config: EngineConfig) -> list[str]:
-    """--served-model-name if given, else the --model argument as typed (vLLM's rule)."""
-    if config.served_model_name:
-        names = config.served_model_name
-        return [names] if isinstance(names, str) else list(names)
+    """Without --served-model-name: the --model argument as typed (vLLM's rule)."""
     if config.model:
         return [config.model]
     from fp4serve.default_model import DEFAULT_MODEL_NAME
