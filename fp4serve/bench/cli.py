@@ -26,7 +26,6 @@ def add_bench_parser(sub, common: argparse.ArgumentParser, add_engine_args) -> N
     serve.add_argument("--model", default=None, help="model name to request (default: the first of GET /v1/models)")
     serve.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer token (default: $OPENAI_API_KEY)")
     serve.add_argument("--serve-args", default="", help="arguments for the fp4serve started without --base-url, e.g. \"model_dir --dtype bfloat16\"")
-    serve.add_argument("--server-mode", default="process", choices=["process", "thread"], help="how fp4serve is started without --base-url")
     serve.add_argument("--label", default=None, help="name of this run in reports and compare (default: model @ server)")
     serve.add_argument("--workload", default="categories", help="categories | random | PATH.jsonl")
     serve.add_argument("--categories", default=None, help="comma list (default: all six)")
@@ -112,7 +111,7 @@ def cmd_bench_serve(args) -> None:
     temperatures = _float_list(args.temperature, "temperature")
     if not temperatures:
         raise BenchError("--temperature names no value")
-    local = None if args.base_url else LocalServer(args.serve_args, args.server_mode, log_path=out / "server.log")
+    local = None if args.base_url else LocalServer(args.serve_args, log_path=out / "server.log")
     with local or nullcontext():
         base_url = args.base_url or local.url
         api_key = args.api_key if args.base_url else local.api_key
@@ -129,7 +128,7 @@ def cmd_bench_serve(args) -> None:
     meta = {
         "label": args.label or f"{model} @ {'fp4serve (started by bench)' if local else base_url}",
         "base_url": base_url,
-        "server": f"fp4serve started by bench ({args.server_mode}, serve args: {args.serve_args or 'none'})" if local else "external",
+        "server": f"fp4serve started by bench, serve args: {args.serve_args or 'none'}" if local else "external",
         "model": model,
         "endpoint": "chat" if args.chat else "completions",
         "max_tokens": args.max_tokens,

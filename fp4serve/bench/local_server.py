@@ -1,14 +1,12 @@
-"""fp4serve started for a benchmark run when no --base-url is given: on a free loopback port, either
-as a subprocess (`process`, the default: the client's Python does not share a GIL with the engine)
-or in a background thread of this process (`thread`: quicker to start, used by the tests).
-`--serve-args` are the words `fp4serve serve` takes."""
+"""fp4serve started for a benchmark run when no --base-url is given: `fp4serve serve` in a subprocess
+on a free loopback port (a separate process, so the client's Python never competes with the engine
+for a GIL), stopped afterwards. `--serve-args` are the words `fp4serve serve` takes."""
 from __future__ import annotations
 
 import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,22 +16,17 @@ from fp4serve.errors import BenchError
 
 
 class LocalServer:
-    def __init__(self, serve_args: str = "", mode: str = "process", log_path: Path | None = None, start_timeout: float = 900):
-        if mode not in ("process", "thread"):
-            raise BenchError(f"server mode must be process or thread, not {mode!r}")
+    def __init__(self, serve_args: str = "", log_path: Path | None = None, start_timeout: float = 900):
         self.args = shlex.split(serve_args)
         if any(a.split("=")[0] in ("--host", "--port") for a in self.args):
             raise BenchError("--serve-args must not set --host or --port: the benchmark picks a free loopback port")
-        self.mode = mode
         self.log_path = log_path
         self.start_timeout = start_timeout
         self.url = ""
         self._process = None
-        self._uvicorn = None
 
     def __enter__(self) -> LocalServer:
-        start = self._start_process if self.mode == "process" else self._start_thread
-        start()
+        self._start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -48,8 +41,7 @@ class LocalServer:
                 return arg.split("=", 1)[1]
         return None
 
-    # ---- subprocess ---------------------------------------------------------------------------
-    def _start_process(self) -> None:
+    def _start(self) -> None:
         with socket.socket() as s:  # a free port; the child binds it a moment later
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -76,33 +68,6 @@ class LocalServer:
             return ""
         return "; its log ends with:\n" + "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-15:])
 
-    # ---- thread -------------------------------------------------------------------------------
-    def _start_thread(self) -> None:
-        import uvicorn
-
-        from fp4serve.cli import build_parser, engine_config
-        from fp4serve.default_model import DEFAULT_MODEL_NAME
-        from fp4serve.engine.async_engine import AsyncEngine
-        from fp4serve.engine.engine import LLMEngine
-        from fp4serve.server.app import build_app
-
-        args = build_parser().parse_args(["serve", *self.args])
-        self._async_engine = AsyncEngine(LLMEngine(engine_config(args)))
-        names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
-        app = build_app(self._async_engine, names, args.api_key)
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/v1"
-        self._uvicorn = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._socket]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self._uvicorn.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                self.stop()
-                raise BenchError("the in-process fp4serve server did not start")
-            time.sleep(0.02)
-
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()
@@ -114,9 +79,3 @@ class LocalServer:
             if self._log is not subprocess.DEVNULL:
                 self._log.close()
             self._process = None
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-            self._thread.join(timeout=30)
-            self._async_engine.shutdown()
-            self._socket.close()
-            self._uvicorn = None

@@ -1,5 +1,6 @@
-"""`fp4serve bench serve` end to end against fp4serve on the embedded default model: every report
-file, values that agree with the raw requests, and no errors. Small token counts keep it quick."""
+"""`fp4serve bench serve` end to end against the fp4serve it starts (a subprocess) on the embedded
+default model: every report file, values that agree with the raw requests, and no errors. Small
+token counts keep it quick."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ MAX_TOKENS = 6
 def run_dir(smollm2_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-run")
     main([
-        "bench", "serve", "--server-mode", "thread", "--serve-args", f"{smollm2_path} --max-model-len 1024",
+        "bench", "serve", "--serve-args", f"{smollm2_path} --max-model-len 1024",
         "--categories", "coding,math", "--concurrency", "1,2", "--num-prompts", "2", "--max-tokens", str(MAX_TOKENS),
         "--warmup", "1", "--long-context", "300", "--long-context-prompts", "1", "--no-progress", "--out", str(out),
     ])  # fmt: skip
@@ -68,7 +69,7 @@ def test_summary_agrees_with_the_raw_requests(run_dir):
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     log = tmp_path / "server.log"
     with pytest.raises(BenchError, match="exited with code 2 before it was ready(.|\n)*unrecognized arguments: --no-such-flag"):
-        with LocalServer("--no-such-flag", mode="process", log_path=log):
+        with LocalServer("--no-such-flag", log_path=log):
             pass
     with pytest.raises(BenchError, match="must not set --host or --port"):
         LocalServer("--port 9000")
