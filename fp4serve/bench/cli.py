@@ -49,7 +49,7 @@ def add_bench_parser(sub, common: argparse.ArgumentParser, add_engine_args) -> N
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--request-timeout", type=float, default=600.0)
     serve.add_argument("--no-progress", dest="progress", action="store_false")
-    serve.add_argument("--out", default=None, help="result directory (default: bench-results/<UTC time>)")
+    serve.add_argument("--out", default=None, help="result directory (default: bench_results/<UTC time>)")
     serve.set_defaults(func=cmd_bench_serve)
 
     comp = kinds.add_parser("compare", help="two runs side by side with ratios", parents=[common])
@@ -105,7 +105,7 @@ def cmd_bench_serve(args) -> None:
     from fp4serve.bench.sweep import SweepConfig, run_sweep
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bars
-    out = Path(args.out or f"bench-results/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}")
+    out = Path(args.out or f"bench_results/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     concurrency = _concurrency(args.concurrency)
     temperatures = _float_list(args.temperature, "temperature")

@@ -86,6 +86,8 @@ def markdown(summary: dict, charts: list[str]) -> str:
         "",
         f"Command: `{meta['command']}`",
     ]
+    if any(lv["usage_reported"] is False for lv in levels):
+        parts += ["", "Note: the server sent no `usage` in some streams; their output tokens are counted from chunks."]
     temperatures = sorted({lv["temperature"] for lv in levels})
     for temperature in temperatures:
         at_t = [lv for lv in levels if lv["temperature"] == temperature]
