@@ -1,5 +1,6 @@
 """Small PNG charts of a run (matplotlib, no display needed): aggregate tok/s vs concurrency per
 category, per-request decode tok/s vs concurrency, TTFT p50/p95 vs concurrency."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,13 +38,23 @@ def write_charts(summary: dict, out: Path) -> list[str]:
         for file_name, ylabel, metric in charts:
             fig, ax = plt.subplots(figsize=(6, 3.6), dpi=80)
             for name, lvs in series.items():
-                ax.plot([lv["concurrency"] for lv in lvs], [metric(lv) for lv in lvs], marker="o", label=CATEGORY_TITLES.get(name, name))
+                ax.plot(
+                    [lv["concurrency"] for lv in lvs],
+                    [metric(lv) for lv in lvs],
+                    marker="o",
+                    label=CATEGORY_TITLES.get(name, name),
+                )
             _finish(fig, ax, ylabel, temperature, out / file_name)
             names.append(file_name)
         overall = [row for row in summary["overall"] if row["temperature"] == temperature]
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=80)
         for q in ("p50", "p95"):
-            ax.plot([row["concurrency"] for row in overall], [_ms(row["ttft_s"][q]) for row in overall], marker="o", label=f"TTFT {q}")
+            ax.plot(
+                [row["concurrency"] for row in overall],
+                [_ms(row["ttft_s"][q]) for row in overall],
+                marker="o",
+                label=f"TTFT {q}",
+            )
         _finish(fig, ax, "TTFT (ms), all categories", temperature, out / f"ttft{suffix}.png")
         names.append(f"ttft{suffix}.png")
     plt.close("all")

@@ -1,4 +1,5 @@
 """The `fp4serve bench` subcommands: serve (HTTP sweep), compare (two runs), offline (engine in-process)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,24 @@ def add_bench_parser(sub, common: argparse.ArgumentParser, add_engine_args) -> N
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server or the engine", parents=[common])
     kinds = bench.add_subparsers(dest="bench_command", required=True)
 
-    serve = kinds.add_parser("serve", help="sweep categories x concurrency over HTTP; writes a report", parents=[common])
-    serve.add_argument("--base-url", default=None, help="OpenAI root, e.g. http://127.0.0.1:8000/v1 (default: start fp4serve)")
+    serve = kinds.add_parser(
+        "serve", help="sweep categories x concurrency over HTTP; writes a report", parents=[common]
+    )
+    serve.add_argument(
+        "--base-url", default=None, help="OpenAI root, e.g. http://127.0.0.1:8000/v1 (default: start fp4serve)"
+    )
     serve.add_argument("--model", default=None, help="model name to request (default: the first of GET /v1/models)")
-    serve.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer token (default: $OPENAI_API_KEY)")
-    serve.add_argument("--serve-args", default="", help="arguments for the fp4serve started without --base-url, e.g. \"model_dir --dtype bfloat16\"")
-    serve.add_argument("--label", default=None, help="name of this run in reports and compare (default: model @ server)")
+    serve.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer token (default: $OPENAI_API_KEY)"
+    )
+    serve.add_argument(
+        "--serve-args",
+        default="",
+        help='arguments for the fp4serve started without --base-url, e.g. "model_dir --dtype bfloat16"',
+    )
+    serve.add_argument(
+        "--label", default=None, help="name of this run in reports and compare (default: model @ server)"
+    )
     serve.add_argument("--workload", default="categories", help="categories | random | PATH.jsonl")
     serve.add_argument("--categories", default=None, help="comma list (default: all six)")
     serve.add_argument("--random-input-len", type=int, default=128)
@@ -34,17 +47,31 @@ def add_bench_parser(sub, common: argparse.ArgumentParser, add_engine_args) -> N
     serve.add_argument("--random-range-ratio", type=float, default=0.0)
     serve.add_argument("--concurrency", default="1,4,16", help="comma list of levels")
     size = serve.add_mutually_exclusive_group()
-    size.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: 2 x concurrency, at least 8)")
+    size.add_argument(
+        "--num-prompts", type=int, default=None, help="requests per level (default: 2 x concurrency, at least 8)"
+    )
     size.add_argument("--duration", type=float, default=None, help="seconds per level instead of a request count")
     serve.add_argument("--max-tokens", type=int, default=128)
     serve.add_argument("--temperature", default="0", help="comma list, e.g. 0,0.7 runs the sweep greedy and sampled")
-    serve.add_argument("--long-context", default=None, help="comma list of prompt sizes in tokens, e.g. 16k,32k (run at c=1)")
+    serve.add_argument(
+        "--long-context", default=None, help="comma list of prompt sizes in tokens, e.g. 16k,32k (run at c=1)"
+    )
     serve.add_argument("--long-context-prompts", type=int, default=2, help="prompts per long-context tier")
-    serve.add_argument("--tokenizer", default=None, help="local tokenizer directory for counting tokens when the server has no /tokenize")
+    serve.add_argument(
+        "--tokenizer",
+        default=None,
+        help="local tokenizer directory for counting tokens when the server has no /tokenize",
+    )
     endpoint = serve.add_mutually_exclusive_group()
-    endpoint.add_argument("--chat", dest="chat", action="store_true", default=True, help="/v1/chat/completions (default)")
-    endpoint.add_argument("--completions", dest="chat", action="store_false", help="/v1/completions with the raw prompt")
-    serve.add_argument("--ignore-eos", action="store_true", help="generate max_tokens for every request (vLLM/llama.cpp extension)")
+    endpoint.add_argument(
+        "--chat", dest="chat", action="store_true", default=True, help="/v1/chat/completions (default)"
+    )
+    endpoint.add_argument(
+        "--completions", dest="chat", action="store_false", help="/v1/completions with the raw prompt"
+    )
+    serve.add_argument(
+        "--ignore-eos", action="store_true", help="generate max_tokens for every request (vLLM/llama.cpp extension)"
+    )
     serve.add_argument("--warmup", type=int, default=2, help="unrecorded requests before the sweep")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--request-timeout", type=float, default=600.0)
@@ -136,13 +163,17 @@ def cmd_bench_serve(args) -> None:
         "workload": args.workload,
         "concurrency": list(concurrency),
         "temperatures": list(temperatures),
-        "level_size": f"{args.duration:g} s" if args.duration else (f"{args.num_prompts} requests" if args.num_prompts else "max(8, 2c) requests"),
+        "level_size": f"{args.duration:g} s"
+        if args.duration
+        else (f"{args.num_prompts} requests" if args.num_prompts else "max(8, 2c) requests"),
         "warmup": args.warmup,
         "seed": args.seed,
         "token_count_method": counter_method,
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "client_machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "command": "fp4serve " + shlex.join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else "fp4serve bench serve",
+        "command": "fp4serve " + shlex.join(sys.argv[1:])
+        if sys.argv and "bench" in sys.argv
+        else "fp4serve bench serve",
     }
     summary = write_results(out, meta, levels)
     charts = write_charts(summary, out)

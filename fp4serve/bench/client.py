@@ -5,6 +5,7 @@ Speaks plain OpenAI JSON and server-sent events (parsed here, no SDK), so any co
 the stream's final `usage` (we ask for it with stream_options.include_usage); a server that does
 not send usage falls back to counting content chunks and the result says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,12 @@ class RequestResult:
         return self.prompt_tokens / self.ttft_s
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tpot_s": self.tpot_s, "decode_tok_s": self.decode_tok_s, "prefill_tok_s": self.prefill_tok_s}
+        return {
+            **asdict(self),
+            "tpot_s": self.tpot_s,
+            "decode_tok_s": self.decode_tok_s,
+            "prefill_tok_s": self.prefill_tok_s,
+        }
 
 
 def request_body(request: BenchRequest, model: str, chat: bool) -> dict:

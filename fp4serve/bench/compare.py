@@ -1,5 +1,6 @@
 """`fp4serve bench compare A B`: two runs' summaries side by side, level by level, with B / A ratios
 (e.g. A = llama.cpp, B = fp4serve, same machine and workload)."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def compare(a: dict, b: dict) -> str:
     """A Markdown table of the levels both runs measured."""
-    key = lambda lv: (lv["kind"], lv["temperature"], lv["category"], lv["concurrency"])  # noqa: E731
+    key = lambda lv: (lv["kind"], lv["temperature"], lv["category"], lv["concurrency"])
     levels_b = {key(lv): lv for lv in b["levels"]}
     rows = []
     for lv_a in a["levels"]:

@@ -1,6 +1,7 @@
 """fp4serve started for a benchmark run when no --base-url is given: `fp4serve serve` in a subprocess
 on a free loopback port (a separate process, so the client's Python never competes with the engine
 for a GIL), stopped afterwards. `--serve-args` are the words `fp4serve serve` takes."""
+
 from __future__ import annotations
 
 import shlex
@@ -46,13 +47,25 @@ class LocalServer:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}/v1"
-        command = [sys.executable, "-m", "fp4serve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "fp4serve.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *self.args,
+        ]
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self._process.poll() is not None:
-                raise BenchError(f"fp4serve serve exited with code {self._process.returncode} before it was ready{self._log_tail()}")
+                raise BenchError(
+                    f"fp4serve serve exited with code {self._process.returncode} before it was ready{self._log_tail()}"
+                )
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     return

@@ -1,6 +1,7 @@
 """`fp4serve bench offline`: raw engine throughput without HTTP, like nano-vllm's bench.py: N
 requests of random token ids with random input and output lengths (ignore_eos, so every request
 generates exactly its length), all submitted at once, one timed `generate`."""
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,17 @@ def parse_range(text: str) -> tuple[int, int]:
     return bounds
 
 
-def run_offline(llm, num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int], temperature: float, seed: int) -> dict:
+def run_offline(
+    llm, num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int], temperature: float, seed: int
+) -> dict:
     from fp4serve.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     vocab = llm.engine.vocab_size
-    prompts = [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(rng.randint(*input_len))]} for _ in range(num_prompts)]
+    prompts = [
+        {"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(rng.randint(*input_len))]}
+        for _ in range(num_prompts)
+    ]
     params = [
         SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=rng.randint(*output_len), seed=seed + i)
         for i in range(num_prompts)

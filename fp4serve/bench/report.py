@@ -1,6 +1,7 @@
 """Result files of a run: raw per-request JSONL, summary JSON and a Markdown report whose tables
 have the shapes of the source documents (single-stream by category, aggregate throughput vs
 concurrency, TTFT vs concurrency, long-context tiers, greedy vs sampled)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,7 @@ def write_results(out: Path, meta: dict, levels: list[Level]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "requests.jsonl", "w") as f:
         for level in levels:
-            for result in level.results:
-                f.write(json.dumps({"kind": level.kind, **result.to_dict()}) + "\n")
+            f.writelines(json.dumps({"kind": level.kind, **result.to_dict()}) + "\n" for result in level.results)
     summary = {"meta": meta, "levels": [level.to_dict() for level in levels], "overall": overall(levels)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -30,7 +30,11 @@ def overall(levels: list[Level]) -> list[dict]:
     rows = []
     keys = sorted({(lv.temperature, lv.concurrency) for lv in levels if lv.kind == "category"})
     for temperature, concurrency in keys:
-        group = [lv for lv in levels if lv.kind == "category" and (lv.temperature, lv.concurrency) == (temperature, concurrency)]
+        group = [
+            lv
+            for lv in levels
+            if lv.kind == "category" and (lv.temperature, lv.concurrency) == (temperature, concurrency)
+        ]
         ok = [r for lv in group for r in lv.results if r.error is None]
         rates = [lv.summary["output_tok_s"] for lv in group if lv.summary["output_tok_s"] is not None]
         rows.append({
@@ -79,10 +83,12 @@ def markdown(summary: dict, charts: list[str]) -> str:
     parts = [
         f"# fp4serve bench: {meta['label']}",
         "",
-        f"Server {meta['base_url']} ({meta['server']}), model `{meta['model']}`, {meta['endpoint']} endpoint, "
-        f"max_tokens {meta['max_tokens']}{', ignore_eos' if meta.get('ignore_eos') else ''}, "
-        f"workload {meta['workload']}, {meta['level_size']} per level, warm-up {meta['warmup']} requests. "
-        f"Date {meta['date']}. Prompt tokens for padding counted by: {meta['token_count_method']}.",
+        (
+            f"Server {meta['base_url']} ({meta['server']}), model `{meta['model']}`, {meta['endpoint']} endpoint, "
+            f"max_tokens {meta['max_tokens']}{', ignore_eos' if meta.get('ignore_eos') else ''}, "
+            f"workload {meta['workload']}, {meta['level_size']} per level, warm-up {meta['warmup']} requests. "
+            f"Date {meta['date']}. Prompt tokens for padding counted by: {meta['token_count_method']}."
+        ),
         "",
         f"Command: `{meta['command']}`",
     ]
@@ -103,11 +109,13 @@ def markdown(summary: dict, charts: list[str]) -> str:
         parts += ["", "## Charts", ""] + [f"![{name}]({name})" for name in charts]
     parts += [
         "",
-        "Definitions: TTFT = time to the first streamed token; TPOT = (end-to-end - TTFT) / (output tokens - 1); "
-        "per-request decode tok/s = 1 / TPOT; aggregate tok/s = output tokens of a level / its wall time; prefill = "
-        "prompt tokens / TTFT. Output tokens come from the stream's usage. Acceptance = accepted / draft tokens "
-        "from the server's /metrics (vLLM counter names), length = 1 + accepted / drafts; \"not reported\" means "
-        "the server exports no such counters.",
+        (
+            "Definitions: TTFT = time to the first streamed token; TPOT = (end-to-end - TTFT) / (output tokens - 1); "
+            "per-request decode tok/s = 1 / TPOT; aggregate tok/s = output tokens of a level / its wall time; prefill = "
+            "prompt tokens / TTFT. Output tokens come from the stream's usage. Acceptance = accepted / draft tokens "
+            'from the server\'s /metrics (vLLM counter names), length = 1 + accepted / drafts; "not reported" means '
+            "the server exports no such counters."
+        ),
     ]
     return "\n".join(parts) + "\n"
 
@@ -163,7 +171,15 @@ def long_context_section(levels: list[dict]) -> list[str]:
          fmt_rate(lv["prefill_tok_s"]["p50"], " tok/s"), fmt_acceptance(lv["spec_decode"]), f"{lv['errors']}/{lv['requests']}"]
         for lv in tiers
     ]  # fmt: skip
-    header = ["Context tier", "Measured prompt (p50)", "Decode tok/s (c=1)", "TTFT (c=1)", "Prefill", "Draft accept", "Errors"]
+    header = [
+        "Context tier",
+        "Measured prompt (p50)",
+        "Decode tok/s (c=1)",
+        "TTFT (c=1)",
+        "Prefill",
+        "Draft accept",
+        "Errors",
+    ]
     return ["", "### Long-context tiers", "", table(header, rows)]
 
 
@@ -174,15 +190,24 @@ def greedy_vs_sampled(overall_rows: list[dict]) -> list[str]:
         for row in overall_rows
         if row["concurrency"] == lowest
     ]  # fmt: skip
-    return ["", f"## Greedy vs sampled (c={lowest}, all categories)", "", table(["Mode", "Decode p50", "Decode p95", "TTFT p50"], rows)]
+    return [
+        "",
+        f"## Greedy vs sampled (c={lowest}, all categories)",
+        "",
+        table(["Mode", "Decode p50", "Decode p95", "TTFT p50"], rows),
+    ]
 
 
 def error_section(levels: list[dict]) -> list[str]:
     total = sum(lv["requests"] for lv in levels)
     errors = sum(lv["errors"] for lv in levels)
-    lines = ["", "## Errors", "", f"{errors} of {total} requests failed ({errors / total:.1%})." if total else "No requests ran."]
+    lines = [
+        "",
+        "## Errors",
+        "",
+        f"{errors} of {total} requests failed ({errors / total:.1%})." if total else "No requests ran.",
+    ]
     for lv in levels:
         for message in lv["error_messages"]:
             lines.append(f"- T={lv['temperature']:g} {lv['category']} c={lv['concurrency']}: {message}")
     return lines
-

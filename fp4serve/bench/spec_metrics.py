@@ -4,6 +4,7 @@ Counters are scraped before and after a level; the difference is that level's dr
 the server does not export is None ("not reported"), never 0: a server without speculative decoding
 and one whose drafts are all rejected must not look the same.
 """
+
 from __future__ import annotations
 
 import re

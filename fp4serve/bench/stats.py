@@ -1,4 +1,5 @@
 """Percentiles and the per-level summary of request results."""
+
 from __future__ import annotations
 
 import math

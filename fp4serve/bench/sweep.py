@@ -1,6 +1,7 @@
 """The sweep: for each temperature, each category and each concurrency level, keep `c` requests in
 flight until the level's prompts (or its duration) are used up; scrape /metrics around each level.
 Long-context tiers run single-stream after the categories."""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +38,7 @@ class SweepConfig:
     def root_url(self) -> str:
         """Where /metrics, /health and /tokenize live: the base URL without its /v1."""
         url = self.base_url.rstrip("/")
-        return url[: -len("/v1")] if url.endswith("/v1") else url
+        return url.removesuffix("/v1")
 
     @property
     def endpoint(self) -> str:
@@ -115,7 +116,14 @@ async def run_level(
             request = make_request(prompts[index % len(prompts)], config, temperature, index)
             result = RequestResult(request.category, temperature, concurrency, start_s=0.0, e2e_s=0.0)
             results.append(result)
-            await send_request(client, config.endpoint, request_body(request, config.model, config.chat), config.chat, result, level_start)
+            await send_request(
+                client,
+                config.endpoint,
+                request_body(request, config.model, config.chat),
+                config.chat,
+                result,
+                level_start,
+            )
             bar.update(1)
             if result.error:
                 bar.set_postfix(errors=sum(1 for r in results if r.error))
@@ -133,26 +141,42 @@ async def run_sweep(
     """The levels in run order. long_context holds, per tier, distinct prompts for every temperature
     (interleaved: prompt i serves temperature i % len(temperatures))."""
     levels: list[Level] = []
-    limits = httpx.Limits(max_connections=max(config.concurrency) + 4, max_keepalive_connections=max(config.concurrency) + 4)
+    limits = httpx.Limits(
+        max_connections=max(config.concurrency) + 4, max_keepalive_connections=max(config.concurrency) + 4
+    )
     timeout = httpx.Timeout(config.request_timeout, connect=30.0)
     metrics_url = f"{config.root_url}/metrics"
     sync_client = httpx.Client(headers=config.headers())  # /metrics, scraped from a worker thread
     async with httpx.AsyncClient(headers=config.headers(), timeout=timeout, limits=limits) as client:
 
-        async def measure(kind: str, category: str, prompts: list[Prompt], concurrency: int, temperature: float) -> None:
+        async def measure(
+            kind: str, category: str, prompts: list[Prompt], concurrency: int, temperature: float
+        ) -> None:
             before = await asyncio.to_thread(spec_metrics.scrape, sync_client, metrics_url)
             label = f"T={temperature:g} {category} c={concurrency}"
             count = len(prompts) if kind == "long_context" else None  # each padded prompt once
             results, wall = await run_level(client, config, prompts, concurrency, temperature, label, count)
             after = await asyncio.to_thread(spec_metrics.scrape, sync_client, metrics_url)
             summary = summarize_level([r.to_dict() for r in results], wall)
-            levels.append(Level(kind, category, concurrency, temperature, summary, results, spec_metrics.counter_delta(before, after)))
+            levels.append(
+                Level(
+                    kind,
+                    category,
+                    concurrency,
+                    temperature,
+                    summary,
+                    results,
+                    spec_metrics.counter_delta(before, after),
+                )
+            )
 
         first = next(iter(workload.values()))
         for i in range(config.warmup):  # not recorded: first-request costs (allocations, caches, JIT)
             request = make_request(first[i % len(first)], config, config.temperatures[0], i)
             warm = RequestResult(request.category, request.temperature, 1, 0.0, 0.0)
-            await send_request(client, config.endpoint, request_body(request, config.model, config.chat), config.chat, warm, 0.0)
+            await send_request(
+                client, config.endpoint, request_body(request, config.model, config.chat), config.chat, warm, 0.0
+            )
         for t, temperature in enumerate(config.temperatures):
             for category, prompts in workload.items():
                 for concurrency in config.concurrency:

@@ -4,6 +4,7 @@ In order of trust: the server's own /tokenize (vLLM's or llama.cpp's shape), a l
 (--tokenizer, or the directory /v1/models names as the model's root when it exists here), else an
 estimate of 4 characters per token. `method` says which one counted, and the report repeats it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,10 +50,14 @@ def local_counter(path: str | Path) -> TokenCounter:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return TokenCounter(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids), f"local tokenizer ({path})")
+    return TokenCounter(
+        lambda text: len(tokenizer(text, add_special_tokens=False).input_ids), f"local tokenizer ({path})"
+    )
 
 
-def make_counter(client: httpx.Client, root_url: str, model: str, tokenizer: str | None, model_root: str | None) -> TokenCounter:
+def make_counter(
+    client: httpx.Client, root_url: str, model: str, tokenizer: str | None, model_root: str | None
+) -> TokenCounter:
     """The most trustworthy counter available (see the module docstring)."""
     counter = _server_counter(client, root_url, model)
     if counter:
@@ -66,7 +71,9 @@ def make_counter(client: httpx.Client, root_url: str, model: str, tokenizer: str
     return estimate_counter()
 
 
-def fit_to_tokens(counter: TokenCounter, make_text: Callable[[int], str], target: int, tolerance: float = 0.02) -> tuple[str, int]:
+def fit_to_tokens(
+    counter: TokenCounter, make_text: Callable[[int], str], target: int, tolerance: float = 0.02
+) -> tuple[str, int]:
     """make_text(n_chars) -> text of about n_chars; rescale n_chars by the measured characters per
     token until the count is within tolerance of target. Returns (text, counted tokens)."""
     chars = target * 4

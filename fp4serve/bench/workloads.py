@@ -1,5 +1,6 @@
 """Prompt sets: the bundled categories, random-token prompts of set lengths, users' JSONL files,
 and long-context prompts padded with the bundled documents to a token count."""
+
 from __future__ import annotations
 
 import json
@@ -100,14 +101,16 @@ def long_context_prompts(
         rng_seed = seed * 1000 + i
         text, tokens = fit_to_tokens(
             counter,
-            lambda n: _filler(random.Random(rng_seed), paragraphs, n),
+            lambda n, rng_seed=rng_seed: _filler(random.Random(rng_seed), paragraphs, n),
             max(1, tier_tokens - question_tokens),
         )
         out.append((Prompt(question.category, text + tail), tokens + question_tokens))
     return out
 
 
-def random_prompts(counter: TokenCounter, count: int, input_len: int, output_len: int, range_ratio: float, seed: int) -> list[Prompt]:
+def random_prompts(
+    counter: TokenCounter, count: int, input_len: int, output_len: int, range_ratio: float, seed: int
+) -> list[Prompt]:
     """Like `vllm bench serve --dataset random`: input and output lengths drawn uniformly from
     [len * (1 - range_ratio), len * (1 + range_ratio)]; the text is random words from the bundled
     documents, fitted to the input length; outputs run to max_tokens with ignore_eos."""
@@ -123,7 +126,7 @@ def random_prompts(counter: TokenCounter, count: int, input_len: int, output_len
     for i in range(count):
         n_in, n_out = rng.randint(*bounds(input_len)), rng.randint(*bounds(output_len))
         stream = " ".join(rng.choice(words) for _ in range(n_in * 3 + 16))
-        text, _ = fit_to_tokens(counter, lambda n: stream[:n].rsplit(" ", 1)[0] or stream[:n], n_in)
+        text, _ = fit_to_tokens(counter, lambda n, s=stream: s[:n].rsplit(" ", 1)[0] or s[:n], n_in)
         prompts.append(Prompt("random", text, max_tokens=n_out, ignore_eos=True))
     return prompts
 

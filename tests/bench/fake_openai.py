@@ -2,6 +2,7 @@
 an HTTP error, a stream that drops, one that ends without [DONE], one that carries an error event.
 Its /metrics counts drafts like vLLM would for every good request (2 drafts, 6 draft tokens,
 3 accepted: 2 at position 0, 1 at position 1)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,6 @@
 """An endpoint that errs, drops streams or skips [DONE] is measured as errors with their messages,
 the run goes on, and the report counts them; timings and tokens of good requests are sane."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,9 @@ def fake():
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
 def test_errors_are_counted_with_messages(fake, tmp_path, chat):
     workload = {b.replace(" ", "_"): [Prompt(b.replace(" ", "_"), b)] for b in BEHAVIOURS}
-    config = SweepConfig(base_url=fake.url, model="fake-model", chat=chat, concurrency=(1, 2), num_prompts=2, warmup=0, progress=False)
+    config = SweepConfig(
+        base_url=fake.url, model="fake-model", chat=chat, concurrency=(1, 2), num_prompts=2, warmup=0, progress=False
+    )
     levels = asyncio.run(run_sweep(config, workload))
     by_key = {(lv.category, lv.concurrency): lv.to_dict() for lv in levels}
     assert len(levels) == 10
@@ -66,7 +69,9 @@ def test_errors_are_counted_with_messages(fake, tmp_path, chat):
 
 
 def test_unreachable_server_is_an_error_per_request(tmp_path):
-    config = SweepConfig(base_url="http://127.0.0.1:9/v1", model="m", concurrency=(1,), num_prompts=2, warmup=1, progress=False)
+    config = SweepConfig(
+        base_url="http://127.0.0.1:9/v1", model="m", concurrency=(1,), num_prompts=2, warmup=1, progress=False
+    )
     levels = asyncio.run(run_sweep(config, {"coding": [Prompt("coding", "hi")]}))
     summary = levels[0].to_dict()
     assert summary["errors"] == 2 and "ConnectError" in summary["error_messages"][0]

@@ -1,6 +1,7 @@
 """`fp4serve bench serve` end to end against the fp4serve it starts (a subprocess) on the embedded
 default model: every report file, values that agree with the raw requests, and no errors. Small
 token counts keep it quick."""
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,23 @@ def run_dir(smollm2_path, tmp_path_factory):
 
 def test_run_writes_every_report_file(run_dir):
     names = {p.name for p in run_dir.iterdir()}
-    assert {"requests.jsonl", "summary.json", "report.md", "aggregate_tok_s.png", "decode_tok_s.png", "ttft.png"} <= names
+    assert {
+        "requests.jsonl",
+        "summary.json",
+        "report.md",
+        "aggregate_tok_s.png",
+        "decode_tok_s.png",
+        "ttft.png",
+    } <= names
     for png in ("aggregate_tok_s.png", "decode_tok_s.png", "ttft.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run_dir / "report.md").read_text()
     for heading in ("Single-stream (c=1), by category", "Aggregate output tok/s vs concurrency", "TTFT vs concurrency",
                     "Long-context tiers", "0 of 9 requests failed"):  # fmt: skip
         assert heading in report
-    assert "| Coding |" in report and "| Math |" in report and "not reported" in report  # fp4serve has no spec counters yet
+    assert (
+        "| Coding |" in report and "| Math |" in report and "not reported" in report
+    )  # fp4serve has no spec counters yet
 
 
 def test_requests_are_sane(run_dir):
@@ -56,9 +66,18 @@ def test_summary_agrees_with_the_raw_requests(run_dir):
     raw = [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]
     assert summary["meta"]["token_count_method"].startswith("local tokenizer")
     levels = [lv for lv in summary["levels"] if lv["kind"] == "category"]
-    assert [(lv["category"], lv["concurrency"]) for lv in levels] == [("coding", 1), ("coding", 2), ("math", 1), ("math", 2)]
+    assert [(lv["category"], lv["concurrency"]) for lv in levels] == [
+        ("coding", 1),
+        ("coding", 2),
+        ("math", 1),
+        ("math", 2),
+    ]
     for lv in levels:
-        mine = [r for r in raw if (r["category"], r["concurrency"], r["kind"]) == (lv["category"], lv["concurrency"], "category")]
+        mine = [
+            r
+            for r in raw
+            if (r["category"], r["concurrency"], r["kind"]) == (lv["category"], lv["concurrency"], "category")
+        ]
         wall = max(r["start_s"] + r["e2e_s"] for r in mine) - min(r["start_s"] for r in mine)
         assert lv["errors"] == 0 and lv["output_tokens"] == sum(r["output_tokens"] for r in mine)
         assert lv["output_tok_s"] == pytest.approx(lv["output_tokens"] / wall)
@@ -68,8 +87,8 @@ def test_summary_agrees_with_the_raw_requests(run_dir):
 
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     log = tmp_path / "server.log"
-    with pytest.raises(BenchError, match="exited with code 2 before it was ready(.|\n)*unrecognized arguments: --no-such-flag"):
-        with LocalServer("--no-such-flag", log_path=log):
-            pass
+    expected = "exited with code 2 before it was ready(.|\n)*unrecognized arguments: --no-such-flag"
+    with pytest.raises(BenchError, match=expected), LocalServer("--no-such-flag", log_path=log):
+        pass
     with pytest.raises(BenchError, match="must not set --host or --port"):
         LocalServer("--port 9000")

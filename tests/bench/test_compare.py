@@ -1,4 +1,5 @@
 """`fp4serve bench compare` on two fixture summaries."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from fp4serve.errors import BenchError
 
 
 def level(category, concurrency, agg, decode, ttft, errors=0, temperature=0.0, kind="category"):
-    dist = lambda v: {"mean": v, "p50": v, "p95": v, "p99": v, "min": v, "max": v}  # noqa: E731
+    dist = lambda v: {"mean": v, "p50": v, "p95": v, "p99": v, "min": v, "max": v}
     return {"kind": kind, "category": category, "concurrency": concurrency, "temperature": temperature, "requests": 8,
             "errors": errors, "output_tok_s": agg, "decode_tok_s": dist(decode), "ttft_s": dist(ttft)}  # fmt: skip
 
@@ -31,7 +32,20 @@ def test_compare_prints_ratios_of_shared_levels(tmp_path, capsys):
     assert "A: llama.cpp Q4_1" in out and "B: fp4serve bf16" in out
     rows = [line for line in out.splitlines() if line.startswith("| T=")]
     assert len(rows) == 2  # math and prose were measured by one run only
-    assert rows[0].split(" | ")[1:] == ["Coding", "1", "100.0", "150.0", "1.50x", "50.0", "75.0", "1.50x", "200 ms", "100 ms", "0.50x", "0 / 0 |"]
+    assert rows[0].split(" | ")[1:] == [
+        "Coding",
+        "1",
+        "100.0",
+        "150.0",
+        "1.50x",
+        "50.0",
+        "75.0",
+        "1.50x",
+        "200 ms",
+        "100 ms",
+        "0.50x",
+        "0 / 0 |",
+    ]
     assert "2.50x" in rows[1] and "2.00x" in rows[1] and "0 / 1" in rows[1]
 
 

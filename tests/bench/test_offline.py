@@ -1,4 +1,5 @@
 """`fp4serve bench offline` on a tiny random Llama: every request generates exactly its length."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The /metrics scraper on a fixture in vLLM's Prometheus exposition format."""
+
 from __future__ import annotations
 
 import pytest
@@ -71,7 +72,12 @@ def test_acceptance_from_a_delta_uses_vllm_meanings():
 def test_missing_counters_are_not_reported_never_zero():
     plain = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0.0\n"
     counters = spec_counters(plain)
-    assert counters == {"num_drafts": None, "num_draft_tokens": None, "num_accepted_tokens": None, "accepted_per_pos": None}
+    assert counters == {
+        "num_drafts": None,
+        "num_draft_tokens": None,
+        "num_accepted_tokens": None,
+        "accepted_per_pos": None,
+    }
     assert acceptance(counter_delta(counters, counters))["status"] == "not reported"
     assert acceptance(counter_delta(None, None))["acceptance_rate"] is None  # no /metrics at all
     # Counters present but nothing drafted in the level: a different answer from "not reported".

@@ -1,4 +1,5 @@
 """Percentile math against numpy, and one level's summary computed by hand."""
+
 from __future__ import annotations
 
 import numpy as np

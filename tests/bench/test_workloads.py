@@ -1,4 +1,5 @@
 """Bundled prompt sets, users' JSONL files, random prompts and long-context padding."""
+
 from __future__ import annotations
 
 import json
