@@ -40,6 +40,8 @@ class FakeOpenAI:
                 f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="fake-model",position="2"}} 0.0\n'
             )
             return await self._send(send, 200, text.encode(), b"text/plain")
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            return await self._json(send, 404, {"error": {"message": f"no route {path}"}})
         body = b""
         while True:
             message = await receive()

@@ -76,3 +76,14 @@ def test_unreachable_server_is_an_error_per_request(tmp_path):
     summary = levels[0].to_dict()
     assert summary["errors"] == 2 and "ConnectError" in summary["error_messages"][0]
     assert summary["spec_decode"]["status"] == "not reported"
+
+
+def test_duration_mode_keeps_sending_until_time_is_up(fake):
+    config = SweepConfig(
+        base_url=fake.url, model="fake-model", concurrency=(3,), duration=0.4, warmup=0, progress=False
+    )
+    (level,) = asyncio.run(run_sweep(config, {"ok": [Prompt("ok", "ok")]}))
+    summary = level.to_dict()
+    # Each request takes ~0.13 s, so 3 streams fill 0.4 s with 2-4 waves; all started ones finish.
+    assert 6 <= summary["requests"] <= 15 and summary["errors"] == 0
+    assert max(r.start_s for r in level.results) < 0.4 + 0.05

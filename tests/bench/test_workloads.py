@@ -89,3 +89,29 @@ def test_random_prompts_have_set_lengths(smollm2_path):
     assert random_prompts(counter, 2, 64, 16, 0.0, seed=1)[0].text == fixed[0].text  # seeded
     with pytest.raises(BenchError, match="range ratio"):
         random_prompts(counter, 1, 10, 10, range_ratio=1.5, seed=0)
+
+
+def test_counter_prefers_the_servers_tokenize():
+    import httpx
+
+    from fp4serve.bench.token_count import make_counter
+
+    def vllm(request):  # vLLM's shape: {"model", "prompt"} -> {"count", "tokens"}
+        if request.url.path != "/tokenize":
+            return httpx.Response(404)
+        words = json.loads(request.content)["prompt"].split()
+        return httpx.Response(200, json={"count": len(words), "tokens": list(range(len(words)))})
+
+    def llama_cpp(request):  # {"content"} -> {"tokens"}; a vLLM-shaped body is an error there
+        body = json.loads(request.content)
+        if "content" not in body:
+            return httpx.Response(400, json={"error": "content required"})
+        return httpx.Response(200, json={"tokens": [0] * len(body["content"].split())})
+
+    for handler, flavour in ((vllm, "vLLM"), (llama_cpp, "llama.cpp")):
+        with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+            counter = make_counter(client, "http://server", "m", tokenizer=None, model_root=None)
+            assert counter.method == f"server /tokenize ({flavour} shape)" and counter.count("a b c") == 3
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(404))) as client:
+        counter = make_counter(client, "http://server", "m", tokenizer=None, model_root="/not/here")
+        assert counter.method.startswith("estimate") and counter.count("x" * 40) == 10
