@@ -132,12 +132,17 @@ def cmd_bench_serve(args) -> None:
     from fp4serve.bench.sweep import SweepConfig, run_sweep
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bars
-    out = Path(args.out or f"bench_results/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
     concurrency = _concurrency(args.concurrency)
     temperatures = _float_list(args.temperature, "temperature")
     if not temperatures:
         raise BenchError("--temperature names no value")
+    for flag, value, low in (("--num-prompts", args.num_prompts, 1), ("--duration", args.duration, 1e-9),
+                             ("--max-tokens", args.max_tokens, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
+        if value is not None and value < low:
+            raise BenchError(f"{flag} must be at least {low:g}, not {value}")
+    load_before = os.getloadavg()[0]
+    out = Path(args.out or f"bench_results/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
     local = None if args.base_url else LocalServer(args.serve_args, log_path=out / "server.log")
     with local or nullcontext():
         base_url = args.base_url or local.url
@@ -171,6 +176,8 @@ def cmd_bench_serve(args) -> None:
         "token_count_method": counter_method,
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "client_machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        # A shared machine's other work skews every figure; the 1-minute load average says how much.
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "command": "fp4serve " + shlex.join(sys.argv[1:])
         if sys.argv and "bench" in sys.argv
         else "fp4serve bench serve",

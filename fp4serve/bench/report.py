@@ -92,6 +92,12 @@ def markdown(summary: dict, charts: list[str]) -> str:
         "",
         f"Command: `{meta['command']}`",
     ]
+    if meta.get("client_machine"):
+        load = meta.get("load_average") or ["?", "?"]
+        parts += [
+            "",
+            f"Client machine: {meta['client_machine']}; 1-minute load average {load[0]} at start, {load[1]} at end.",
+        ]
     if any(lv["usage_reported"] is False for lv in levels):
         parts += ["", "Note: the server sent no `usage` in some streams; their output tokens are counted from chunks."]
     temperatures = sorted({lv["temperature"] for lv in levels})

@@ -92,3 +92,18 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
         pass
     with pytest.raises(BenchError, match="must not set --host or --port"):
         LocalServer("--port 9000")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+        (["--concurrency", "1,0"], "--concurrency must be a comma list of positive integers"),
+        (["--temperature", "hot"], "--temperature must be a comma list of numbers"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "serve", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
