@@ -42,9 +42,7 @@ def test_run_writes_every_report_file(run_dir):
     for heading in ("Single-stream (c=1), by category", "Aggregate output tok/s vs concurrency", "TTFT vs concurrency",
                     "Long-context tiers", "0 of 9 requests failed"):  # fmt: skip
         assert heading in report
-    assert (
-        "| Coding |" in report and "| Math |" in report and "not reported" in report
-    )  # fp4serve has no spec counters yet
+    assert "| Coding |" in report and "| Math |" in report
 
 
 def test_requests_are_sane(run_dir):
@@ -82,7 +80,8 @@ def test_summary_agrees_with_the_raw_requests(run_dir):
         assert lv["errors"] == 0 and lv["output_tokens"] == sum(r["output_tokens"] for r in mine)
         assert lv["output_tok_s"] == pytest.approx(lv["output_tokens"] / wall)
         assert lv["ttft_s"]["max"] == max(r["ttft_s"] for r in mine)
-        assert lv["spec_decode"]["status"] == "not reported"
+        # No speculative decoding here: no counters at all, or counters that never moved. Never "0%".
+        assert lv["spec_decode"]["status"] in ("not reported", "no drafts")
 
 
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
