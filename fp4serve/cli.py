@@ -1,4 +1,4 @@
-"""fp4serve command line: serve | generate | chat | convert-gguf. Engine flags keep vLLM's names."""
+"""fp4serve command line: serve | generate | chat | bench | convert-gguf. Engine flags keep vLLM's names."""
 from __future__ import annotations
 
 import argparse
@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=cmd_chat)
+
+    from fp4serve.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, common, add_engine_args)
 
     conv = sub.add_parser("convert-gguf", help="convert a GGUF file into a Hugging Face model directory", parents=[common])
     conv.add_argument("gguf_file")

@@ -19,3 +19,7 @@ class UnsupportedModelError(Fp4ServeError):
 
 class ConfigError(Fp4ServeError, ValueError):
     """Engine flags are inconsistent (e.g. the cache cannot hold one max-length sequence)."""
+
+
+class BenchError(Fp4ServeError):
+    """A benchmark input is unusable: a workload file, an endpoint that cannot be reached, a result file."""
