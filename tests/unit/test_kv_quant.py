@@ -74,6 +74,8 @@ def test_fp8_round_trip_matches_torch_cast_and_saturates(dtype):
     k_read = kv.decode_k(gather_kv(k_cache, table, 40), torch.float32)
     v_read = kv.decode_v(gather_kv(v_cache, table, 40), torch.float32)
     torch.testing.assert_close(k_read.double(), fp8_expected(k.float(), 0.05), rtol=0, atol=0)
+    for out in (torch.bfloat16, torch.float16):  # the table decode is the float32 math, then a cast
+        assert torch.equal(kv.decode_k(raw, out), (raw.float() * torch.tensor(0.05)).to(out))
     torch.testing.assert_close(v_read.double(), fp8_expected(v.float(), 0.5), rtol=0, atol=0)
     assert k_read[0, 0, :4].tolist() == pytest.approx([448 * 0.05, -448 * 0.05, 22.4, 0.0], rel=2**-4)
     # E4M3 keeps 3 mantissa bits: half an ulp is 1/16 of the value (normal range).
@@ -98,8 +100,9 @@ def test_nvfp4_round_trip_is_the_codec_byte_for_byte(global_scale):
         raw = cache.view(-1, HKV, width)[slots]
         assert torch.equal(raw[..., : D // 2], codec.packed)
         assert torch.equal(raw[..., D // 2 :], codec.block_scale.view(torch.uint8))
-        decoded = kv.format.decode(raw, torch.tensor(global_scale), torch.float32)
-        assert torch.equal(decoded, dequantize_nvfp4(codec))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the table decode is the codec's math
+            decoded = kv.format.decode(raw, torch.tensor(global_scale), dtype)
+            assert torch.equal(decoded, dequantize_nvfp4(codec, dtype))
     # Round-trip error: half a grid step of E2M1 (at most 1/6 of the block amax, the 4 -> 6 gap)
     # plus the E4M3 rounding of the block scale (1/16), for blocks the global scale can represent
     # (amax up to 6 * 448 * global scale); beyond, values saturate at that bound.

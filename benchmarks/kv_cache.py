@@ -1,0 +1,60 @@
+"""KV cache dtypes on the embedded default model: capacity and decode speed per --kv-cache-dtype.
+
+Prints one table: for auto (the model dtype), fp8 and nvfp4 at the same --kv-cache-memory, the
+KV capacity in tokens (and the gain over auto), and decode tok/s at each concurrency (steps where
+every sequence decodes; 16-token prompts). Each speed is the best of --repeats runs (shared CPUs
+swing 20-40% between runs).
+Run:  python benchmarks/kv_cache.py
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from offline_throughput import random_prompts, timed_run
+
+from fp4serve import LLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto", "fp8", "nvfp4"])
+    parser.add_argument("--kv-cache-memory", default="1GiB")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for kv_dtype in args.kv_cache_dtype:
+        llm = LLM(
+            args.model, dtype=args.dtype, kv_cache_dtype=kv_dtype, kv_cache_memory=args.kv_cache_memory,
+            max_num_seqs=max(args.concurrency), enable_prefix_caching=False,
+        )  # fmt: skip
+        capacity = llm.engine.capacity
+        vocab = llm.engine.vocab_size
+        timed_run(llm, random_prompts(2, 16, vocab, 0), 8)  # warm-up
+        rates = []
+        for c in args.concurrency:
+            best = 0.0
+            for _ in range(args.repeats):
+                decode_s, decode_n, _, _ = timed_run(llm, random_prompts(c, 16, vocab, c), args.decode_tokens)
+                best = max(best, decode_n / decode_s)
+            rates.append(best)
+        rows.append((kv_dtype, capacity.kv_format.name, capacity.kv_bytes_per_token, capacity.num_tokens, capacity.gain, rates))
+        del llm
+    print(f"\nmodel {args.model or 'SmolLM2-135M-Instruct'}, {args.dtype}, --kv-cache-memory {args.kv_cache_memory}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    speed_cols = "".join(f"{f'decode c={c}':>14}" for c in args.concurrency)
+    print(f"{'--kv-cache-dtype':<18}{'storage':<10}{'B/token':>9}{'tokens':>11}{'gain':>7}{speed_cols}")
+    for kv_dtype, storage, per_token, tokens, gain, rates in rows:
+        speeds = "".join(f"{r:>14.1f}" for r in rates)
+        print(f"{kv_dtype:<18}{storage:<10}{per_token:>9}{tokens:>11}{gain:>6.2f}x{speeds}")
+
+
+if __name__ == "__main__":
+    main()
