@@ -80,16 +80,16 @@ class KVCacheFormat:
             # Each result depends on one byte: decode through a 256-entry table made for this scale
             # and dtype (torch's elementwise fp8 conversion is ~10x slower than this gather on CPU).
             table = (_FP8_VALUES.to(stored.device) * scale).to(dtype)
-            return table.index_select(0, stored.view(torch.uint8).reshape(-1).long()).view(stored.shape)
+            return table.index_select(0, stored.view(torch.uint8).reshape(-1).int()).view(stored.shape)
         if self.name == "nvfp4":
             half = stored.shape[-1] * BLOCK_SIZE // (BLOCK_SIZE + 2)  # row = D/2 code bytes + D/16 scale bytes
             codes, block_scale = stored[..., :half], stored[..., half:]
             # One gather per byte, of both nibbles' values at once (a [256, 2] table viewed as one
             # int64 per byte: a 1-D gather is ~30x faster than a 2-column one); block scales too.
             pairs = _BYTE_VALUES.to(stored.device).view(torch.int64).view(-1)
-            values = pairs.index_select(0, codes.reshape(-1).long()).view(torch.float32)
+            values = pairs.index_select(0, codes.reshape(-1).int()).view(torch.float32)
             values = values.view(*codes.shape[:-1], -1, BLOCK_SIZE)
-            scales = (_FP8_VALUES.to(stored.device) * scale).index_select(0, block_scale.reshape(-1).long())
+            scales = (_FP8_VALUES.to(stored.device) * scale).index_select(0, block_scale.reshape(-1).int())
             return (values * scales.view(*values.shape[:-1], 1)).flatten(-2).to(dtype)
         return stored.to(dtype)
 
