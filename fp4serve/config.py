@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fp4serve.errors import ConfigError, UnsupportedModelError
+from fp4serve.errors import ConfigError
+from fp4serve.formats.checkpoint import QuantConfig, detect_quantization
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32, "float": torch.float32}  # fmt: skip
 QUANTIZATIONS = (None, "modelopt", "compressed-tensors", "nvfp4")
@@ -101,6 +102,7 @@ class ModelInfo:
     hf_config: object  # the top-level transformers config
     text_config: object  # the language model's config (hf_config itself for text-only models)
     architectures: list[str] = field(default_factory=list)
+    quant: QuantConfig | None = None  # the checkpoint's own quantization (None: 16/32-bit weights)
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelInfo":
@@ -113,18 +115,13 @@ class ModelInfo:
             hf_config = AutoConfig.from_pretrained(str(path))
         except (ValueError, KeyError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}/config.json: {e}") from e
-        quantization = dict(getattr(hf_config, "quantization_config", None) or {})
-        if quantization or (path / "hf_quant_config.json").exists():
-            method = quantization.get("quant_method", "modelopt")
-            raise UnsupportedModelError(
-                f"{path} is a quantized checkpoint (quant_method {method!r}); quantized weights are not supported yet"
-            )
+        quant = detect_quantization(path)
         text_config = hf_config.get_text_config()
         if text_config is not hf_config:
             # transformers ties a multimodal model's lm_head by the top-level flag; the text config's own
             # flag may disagree (Qwen3_5Config(tie_word_embeddings=True) leaves text_config's False)
             text_config.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
-        return cls(path, hf_config, text_config, list(getattr(hf_config, "architectures", None) or []))
+        return cls(path, hf_config, text_config, list(getattr(hf_config, "architectures", None) or []), quant)
 
     def torch_dtype(self, requested: str) -> torch.dtype:
         if requested != "auto":

@@ -16,6 +16,7 @@ from fp4serve.engine.runner import ModelRunner
 from fp4serve.engine.sampler import SamplingRow, sample
 from fp4serve.engine.scheduler import Scheduler
 from fp4serve.errors import ConfigError, InvalidRequestError
+from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.layers.kv_quant import resolve_kv_cache_format
 from fp4serve.models.loader import load_model
@@ -53,7 +54,9 @@ class LLMEngine:
         self.info = ModelInfo.load(self.model_path)
         self.device = config.torch_device()
         self.dtype = self.info.torch_dtype(config.dtype)
-        self.model = load_model(self.info, self.dtype, self.device)
+        self.quant = resolve_quantization(config.quantization, self.info.quant, self.model_path)
+        compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
+        self.model = load_model(self.info, self.dtype, self.device, self.quant, compute)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path, config.chat_template)
         generation_config = read_generation_config(self.model_path)
         self.default_sampling = sampling_defaults(generation_config) if config.generation_config == "auto" else {}

@@ -51,9 +51,14 @@ E2M1_VALUES = torch.tensor(
 
 # Midpoints between neighbouring grid magnitudes. A magnitude's index is the number of midpoints
 # it passes; at an exact midpoint, round half to even picks the neighbour with an even mantissa
-# (0, 1, 2, 4), so it counts as passed at 0.75, 1.75 and 3.5 only.
-_MIDPOINTS_PASSED_AT_TIE = (0.75, 1.75, 3.5)
-_MIDPOINTS_PASSED_ABOVE = (0.25, 1.25, 2.5, 5.0)
+# (0, 1, 2, 4), so it counts as passed at 0.75, 1.75 and 3.5 only. Those three enter the table as the
+# float32 just below them, so that "passed" is a strict > for all seven (one bucketize call).
+_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+_MIDPOINTS_STRICT = torch.where(
+    torch.tensor([False, True, False, True, False, True, False]),
+    torch.nextafter(_MIDPOINTS, torch.tensor(0.0)),
+    _MIDPOINTS,
+)
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,9 @@ def e2m1_codes(scaled: Tensor) -> Tensor:
     """Float tensor already divided by its scale -> uint8 E2M1 codes (sign bit 3, magnitude index
     0..7), rounding half to even and saturating at 6."""
     negative = scaled < 0
-    magnitude = scaled.abs()
-    index = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
-    for midpoint in _MIDPOINTS_PASSED_ABOVE:
-        index += magnitude > midpoint
-    for midpoint in _MIDPOINTS_PASSED_AT_TIE:
-        index += magnitude >= midpoint
+    midpoints = _MIDPOINTS_STRICT.to(scaled.device)
+    # bucketize(right=False) counts the midpoints strictly below each magnitude
+    index = torch.bucketize(scaled.abs().float(), midpoints, out_int32=True).to(torch.uint8)
     return index | (negative.to(torch.uint8) << 3)
 
 

@@ -33,6 +33,9 @@ class PackedCPULinearMethod(LinearMethod):
     def apply(self, layer, x):
         return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
 
+    def weight_bytes(self, layer):
+        return layer.packed_weight.numel() * layer.packed_weight.element_size()
+
 
 def pack_linear(layer: Linear) -> None:
     layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH_HINT)

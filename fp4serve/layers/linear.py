@@ -2,8 +2,16 @@
 
 A `LinearMethod` creates the layer's parameters, copies checkpoint tensors into them, and computes
 y = x W^T. Fused projections (q/k/v, gate/up) are one Linear with several `output_sizes`; the
-loader hands each checkpoint tensor over with its shard index."""
+loader hands each checkpoint tensor over with its shard index.
+
+A Linear built without an explicit method asks the active `linear_methods(choose)` scope (the
+loader opens one while it builds a model from a quantized checkpoint) which format its prefix gets,
+so model code never threads a quantization config through its constructors."""
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,13 @@ class LinearMethod:
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: "Linear") -> None:
+        """Called once every tensor is loaded (checks across shards, fast-path layouts)."""
+
+    def weight_bytes(self, layer: "Linear") -> int:
+        """Bytes this layer's weight occupies in memory (bias excluded)."""
+        return layer.weight.numel() * layer.weight.element_size()
 
 
 class PlainLinearMethod(LinearMethod):
@@ -52,6 +67,26 @@ class PlainLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, layer.bias)
 
 
+MethodChooser = Callable[[str, list[int]], "LinearMethod | None"]
+_chooser: ContextVar[MethodChooser | None] = ContextVar("linear_method_chooser", default=None)
+
+
+@contextmanager
+def linear_methods(choose: MethodChooser) -> Iterator[None]:
+    """Within this scope a Linear made without a method takes choose(prefix, output_sizes)
+    (None: plain)."""
+    token = _chooser.set(choose)
+    try:
+        yield
+    finally:
+        _chooser.reset(token)
+
+
+def _default_method(prefix: str, output_sizes: list[int]) -> LinearMethod:
+    choose = _chooser.get()
+    return (choose(prefix, output_sizes) if choose else None) or PlainLinearMethod()
+
+
 class Linear(nn.Module):
     def __init__(
         self,
@@ -68,7 +103,7 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = sum(self.output_sizes)
         self.prefix = prefix
-        self.method = method or PlainLinearMethod()
+        self.method = method or _default_method(prefix, self.output_sizes)
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype), requires_grad=False) if bias else None
         self.method.create_weights(self, dtype, device)
 

@@ -10,12 +10,17 @@ import torch
 from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
-from fp4serve.layers.linear import Linear
+from fp4serve.layers.linear import Linear, PlainLinearMethod
 from fp4serve.models.kv_scales import take_kv_scales
 from fp4serve.models.weights import LoadPlan, load_weights
 
 
 class CausalLM(nn.Module):
+    # (our fused module suffix, checkpoint module suffix, shard index), e.g. qkv_proj <- q_proj shard 0
+    stacked_params: list[tuple[str, str, int]] = []
+    # checkpoint-name prefixes rewritten before lookup, e.g. ("model.language_model.", "model.")
+    checkpoint_renames: list[tuple[str, str]] = []
+
     def __init__(self, config, dtype: torch.dtype, drop_mtp: bool = True):
         super().__init__()
         self.config = config  # the text config (transformers PretrainedConfig)
@@ -26,8 +31,11 @@ class CausalLM(nn.Module):
         """Tied heads share the embedding matrix, bound at load time; build them on the meta
         device so no vocab x hidden buffer is allocated just to be replaced."""
         config = self.config
-        device = "meta" if config.tie_word_embeddings else None
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=self.dtype, prefix="lm_head", device=device)
+        tied = config.tie_word_embeddings
+        self.lm_head = Linear(
+            config.hidden_size, config.vocab_size, dtype=self.dtype, prefix="lm_head", device="meta" if tied else None,
+            method=PlainLinearMethod() if tied else None,  # shares the embedding: never quantized on its own
+        )  # fmt: skip
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -46,6 +54,9 @@ class CausalLM(nn.Module):
             plan.dropped.setdefault("lm_head.weight", "tied to embed_tokens")
             plan.tied["lm_head.weight"] = "model.embed_tokens.weight"
         load_weights(self, take_kv_scales(self, weights, plan), plan)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.method.process_weights_after_loading(module)
 
     def cache_layers(self) -> list[nn.Module]:
         """Modules that need engine-allocated cache (attention KV, GDN state), in model order."""

@@ -104,6 +104,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     qk_norm = False
+    stacked_params = FUSED
 
     def __init__(self, config, dtype: torch.dtype, **kwargs):
         super().__init__(config, dtype, **kwargs)
@@ -115,7 +116,7 @@ class LlamaForCausalLM(CausalLM):
         return self.model(batch)
 
     def load_plan(self) -> LoadPlan:
-        return LoadPlan(stacked=FUSED, dropped={"model.rotary_emb.*": "buffers recomputed at load"})
+        return LoadPlan(stacked=self.stacked_params, dropped={"model.rotary_emb.*": "buffers recomputed at load"})
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

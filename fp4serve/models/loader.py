@@ -1,38 +1,65 @@
 """Build a model from a directory: class from the registry, strict weight load."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import torch
 
 from fp4serve.config import ModelInfo
+from fp4serve.formats.checkpoint import QuantConfig
 from fp4serve.formats.safetensors_io import iter_tensors
 from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
+from fp4serve.layers.linear import Linear, PlainLinearMethod, linear_methods
+from fp4serve.models.quantization import LinearMethodChooser
 from fp4serve.models.registry import model_class
 
 log = logging.getLogger(__name__)
 
 
-def load_model(info: ModelInfo, dtype: torch.dtype, device: torch.device):
+def load_model(
+    info: ModelInfo, dtype: torch.dtype, device: torch.device, quant: QuantConfig | None = None, nvfp4_compute: str = "w4a16"
+):
+    """quant: the resolved quantization (the checkpoint's, or on-the-fly nvfp4); None: plain weights."""
     cls = model_class(info.architectures)
     start = time.perf_counter()
+    chooser = LinearMethodChooser(quant, cls.stacked_params, cls.checkpoint_renames, nvfp4_compute) if quant else None
     # Parameters a layer creates without an explicit dtype (norm weights, ...) take the model
     # dtype, as in transformers; buffers made with explicit fp32 (rotary inv_freq) stay fp32.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), linear_methods(chooser) if chooser else contextlib.nullcontext():
             model = cls(info.text_config, dtype)
     finally:
         torch.set_default_dtype(previous)
+    if chooser:
+        chooser.report()
     model.load_weights(iter_tensors(info.path))
     model.eval()
+    if quant:
+        log_weight_bytes(model, dtype)
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        m.out_features * m.in_features for m in model.modules() if isinstance(m, Linear) and hasattr(m, "weight_packed")
+    )  # NVFP4 weights are buffers of packed codes; count the weights they stand for
     if packing_available(dtype, device):
         log.info("packed %d bf16 Linear weights for oneDNN", pack_model_linears(model))
-    params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s (%s, %.1fM parameters, %s) in %.1f s",
         info.path.name, cls.__name__, params / 1e6, str(dtype).removeprefix("torch."), time.perf_counter() - start,
     )  # fmt: skip
     return model
+
+
+def log_weight_bytes(model, dtype: torch.dtype) -> None:
+    """Linear weight memory as held, next to what the same layers take in the model dtype."""
+    held = dense = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.method.__class__ is not PlainLinearMethod:
+            held += module.method.weight_bytes(module)
+            dense += module.out_features * module.in_features * dtype.itemsize
+    log.info(
+        "NVFP4 Linear weights: %.1f MiB in memory (%.1f MiB in %s; %.2fx smaller)",
+        held / 2**20, dense / 2**20, str(dtype).removeprefix("torch."), dense / held if held else 0.0,
+    )  # fmt: skip

@@ -122,6 +122,8 @@ class Qwen3_5ForCausalLM(CausalLM):
     """Dense Qwen3.5. Also takes a multimodal checkpoint's text part, as transformers does."""
 
     moe = False
+    stacked_params = STACKED
+    checkpoint_renames = [("model.language_model.", "model.")]
 
     def __init__(self, config, dtype: torch.dtype, **kwargs):
         super().__init__(config, dtype, **kwargs)
@@ -139,7 +141,7 @@ class Qwen3_5ForCausalLM(CausalLM):
         }
         if self.drop_mtp:
             dropped["mtp.*"] = "MTP head: no speculative decoding"
-        return LoadPlan(stacked=STACKED, renames=[("model.language_model.", "model.")], dropped=dropped)
+        return LoadPlan(stacked=self.stacked_params, renames=self.checkpoint_renames, dropped=dropped)
 
 
 class Qwen3_5ForConditionalGeneration(Qwen3_5ForCausalLM):

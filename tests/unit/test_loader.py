@@ -377,12 +377,19 @@ def test_missing_architectures(checkpoint, tmp_path):
     assert "LlamaForCausalLM" in msg
 
 
-def test_quantized_checkpoint_is_refused_up_front(checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "quant, expected",
+    [
+        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not supported"),
+        ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {}}, "format 'int-quantized'"),
+        ({"quant_method": "modelopt", "quant_algo": "FP8"}, "quant_algo 'FP8' is not supported"),
+    ],
+)
+def test_unsupported_quantization_is_refused_up_front(checkpoint, tmp_path, quant, expected):
     """Not a wall of 'unexpected weight_scale' names: one message saying what the checkpoint is."""
-    dst = edit_config(checkpoint[0], tmp_path / "ckpt",
-                      quantization_config={"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"})  # fmt: skip
+    dst = edit_config(checkpoint[0], tmp_path / "ckpt", quantization_config=quant)
     msg = load_error(dst, UnsupportedModelError)
-    assert "quantized checkpoint" in msg and "compressed-tensors" in msg
+    assert expected in msg
 
 
 def test_model_path_errors(tmp_path):
