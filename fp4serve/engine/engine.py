@@ -86,6 +86,10 @@ class LLMEngine:
             self.device, self.dtype,
         )  # fmt: skip
         scales = setup_kv_scales(layers, kv_format, config.calculate_kv_scales)
+        declared = self.info.quant.kv_cache_algo if self.info.quant else None
+        if declared and not kv_format.quantized:
+            log.info("the checkpoint declares a %s KV cache; --kv-cache-dtype %s keeps K/V in %s (pass --kv-cache-dtype %s to use it)",
+                     declared, config.kv_cache_dtype, kv_format.name, declared.lower())  # fmt: skip
         if capacity.num_tokens < self.max_model_len:
             raise ConfigError(
                 f"the KV cache holds {capacity.num_tokens} tokens, fewer than max_model_len {self.max_model_len}: "
