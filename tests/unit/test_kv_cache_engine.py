@@ -182,3 +182,26 @@ def test_prefix_cache_hits_and_chunks_give_the_same_logprobs(checkpoint, kv_cach
         assert out.outputs[0].token_ids == first.outputs[0].token_ids
         lp, ref = ([step.logprob for step in o.outputs[0].logprobs] for o in (out, first))
         assert lp == pytest.approx(ref, abs=2e-5)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "nvfp4"])
+def test_hybrid_qwen3_5_quantizes_attention_only(tmp_path, kv_cache_dtype):
+    """Gated DeltaNet state stays float32 while the full-attention layer's KV is quantized, and the
+    hybrid model gives the same greedy tokens and logprobs whole and in chunks."""
+    import transformers
+
+    text = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+            "layer_types": ["linear_attention", "full_attention"], "max_position_embeddings": 128}  # fmt: skip
+    make_checkpoint(tmp_path, transformers.Qwen3_5TextConfig(**text))
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, ignore_eos=True)
+    outs = []
+    for chunk in (2048, 8):
+        llm = LLM(str(tmp_path), kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=chunk, max_num_seqs=4, **ENGINE)
+        layers = llm.engine.model.cache_layers()
+        assert {str(m.k_cache.dtype) for m in layers if hasattr(m, "k_cache")} == {str(llm.engine.capacity.kv_format.storage_dtype)}
+        assert {t.dtype for m in layers if not hasattr(m, "k_cache") for t in vars(m).values() if isinstance(t, torch.Tensor)} == {torch.float32}
+        outs.append(llm.generate(PROMPT, params)[0].outputs[0])
+    assert outs[0].token_ids == outs[1].token_ids
+    assert [s.logprob for s in outs[0].logprobs] == pytest.approx([s.logprob for s in outs[1].logprobs], abs=2e-5)
