@@ -21,6 +21,9 @@ class ForwardBatch:
     context_lens: torch.Tensor  # [B] long, num_computed + query_len
     state_slots: torch.Tensor  # [B] long, GDN state slot of each sequence
     block_size: int
+    # Draft tokens at the end of each sequence's rows (speculative verification): layers with
+    # recurrent state keep the state after each of them, so a partial acceptance can be restored.
+    num_drafts: list[int] | None = None
 
     def __post_init__(self):
         starts = [0]

@@ -8,6 +8,7 @@ from fp4serve.engine.engine import LLMEngine
 from fp4serve.errors import InvalidRequestError
 from fp4serve.outputs import RequestOutput
 from fp4serve.sampling_params import SamplingParams
+from fp4serve.spec.metrics import spec_decode_metrics
 from fp4serve.tokenizer import chat_prompt_ids
 
 
@@ -23,6 +24,13 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_metrics(self) -> list:
+        """vLLM's offline metrics call. Holds the speculative-decoding counters (vLLM's names and
+        shapes: Counter `vllm:spec_decode_num_drafts`, `..._num_draft_tokens`,
+        `..._num_accepted_tokens`, Vector `..._num_accepted_tokens_per_pos`) when drafting is on."""
+        stats = self.engine.spec_stats
+        return spec_decode_metrics(stats) if stats is not None else []
 
     def get_default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fp4serve.errors import ConfigError
+from fp4serve.layers.attention import PagedAttention
 from fp4serve.layers.cache_spec import KVCacheSpec, StateSpec
 from fp4serve.layers.kv_quant import KVCacheFormat
 
@@ -47,10 +48,13 @@ def allocate_caches(
     baseline = KVCacheFormat.plain(model_dtype) if model_dtype is not None else kv_format
     kv_layers = [m for m in layers if isinstance(m.cache_spec(), KVCacheSpec)]
     state_layers = [m for m in layers if isinstance(m.cache_spec(), StateSpec)]
-    for head_dim in sorted({m.cache_spec().head_dim for m in kv_layers}):
+    # Only PagedAttention encodes and decodes fp8/nvfp4 rows; other KV layers (the DFlash drafter's
+    # context K/V) keep the model dtype in the same blocks.
+    formats = {m: kv_format if isinstance(m, PagedAttention) else baseline for m in kv_layers}
+    for head_dim in sorted({m.cache_spec().head_dim for m in kv_layers if formats[m] is kv_format}):
         kv_format.check_head_dim(head_dim)
     state_bytes = sum(m.cache_spec().bytes_per_slot() for m in state_layers) * num_state_slots
-    kv_per_token = sum(m.cache_spec().bytes_per_token(kv_format) for m in kv_layers)
+    kv_per_token = sum(m.cache_spec().bytes_per_token(formats[m]) for m in kv_layers)
     baseline_per_token = sum(m.cache_spec().bytes_per_token(baseline) for m in kv_layers)
     if state_bytes > memory_budget:
         raise ConfigError(
@@ -61,9 +65,13 @@ def allocate_caches(
     num_blocks = kv_budget // (kv_per_token * block_size) if kv_layers else 0
     baseline_tokens = kv_budget // (baseline_per_token * block_size) * block_size if kv_layers else 0
     for layer in kv_layers:
-        shape = layer.cache_spec().block_shape(num_blocks, block_size, kv_format)
-        dtype = kv_format.storage_dtype
-        layer.bind_cache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), kv_format)
+        fmt = formats[layer]
+        shape = layer.cache_spec().block_shape(num_blocks, block_size, fmt)
+        k, v = (torch.zeros(shape, dtype=fmt.storage_dtype, device=device) for _ in range(2))
+        if isinstance(layer, PagedAttention):
+            layer.bind_cache(k, v, fmt)
+        else:
+            layer.bind_cache(k, v)
     for layer in state_layers:
         tensors = {
             name: torch.zeros((num_state_slots, *shape), dtype=dtype, device=device)
@@ -79,7 +87,7 @@ def setup_kv_scales(layers, kv_format: KVCacheFormat, calculate: bool) -> str:
     """Decides where each attention layer's k_scale / v_scale come from and returns that source in
     words for the start log: --calculate-kv-scales (amax on the first prefill) over the checkpoint's
     tensors over 1.0. A 16/32-bit cache uses no scales."""
-    kv_layers = [m for m in layers if isinstance(m.cache_spec(), KVCacheSpec)]
+    kv_layers = [m for m in layers if isinstance(m, PagedAttention)]
     loaded = sum(m.loaded_scales == {"k", "v"} for m in kv_layers)
     if not kv_format.quantized:
         return "none" + (f" (the checkpoint's k/v scales of {loaded} layers are unused)" if loaded else "")

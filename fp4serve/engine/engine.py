@@ -22,7 +22,9 @@ from fp4serve.layers.kv_quant import resolve_kv_cache_format
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sampling_params import SamplingParams
-from fp4serve.spec.metrics import SpecDecodingStats
+from fp4serve.spec.config import SpeculativeConfig, parse_speculative_config
+from fp4serve.spec.metrics import SpecDecodingLogger, SpecDecodingStats
+from fp4serve.spec.verify import verify
 from fp4serve.tokenizer import eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.model_path = resolve_model_path(config.model)
         self.info = ModelInfo.load(self.model_path)
+        self.spec_config: SpeculativeConfig | None = parse_speculative_config(
+            config.speculative_config, self.model_path, self.info.text_config
+        )
         self.device = config.torch_device()
         self.dtype = self.info.torch_dtype(config.dtype)
         self.quant = resolve_quantization(config.quantization, self.info.quant, self.model_path)
@@ -68,17 +73,28 @@ class LLMEngine:
                 f"with chunked prefill disabled, --max-num-batched-tokens ({config.max_num_batched_tokens}) must be "
                 f">= --max-model-len ({self.max_model_len}), or a long prompt could never be scheduled"
             )
+        # Speculative decoding: counters read by the server's /metrics and LLM.get_metrics().
+        self.spec_stats: SpecDecodingStats | None = None
+        self.proposer = None
+        if self.spec_config is not None:
+            from fp4serve.spec.proposer import make_proposer
+
+            self.proposer = make_proposer(self.spec_config, self)  # before the caches: drafters have KV too
+            self.spec_stats = SpecDecodingStats(self.spec_config.num_speculative_tokens)
+            self._spec_logger = SpecDecodingLogger(self.spec_stats)
+            log.info("speculative decoding: %s", self.spec_config)
         self._init_caches()
         self.runner = ModelRunner(self.model, config.block_size, self.device)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
-        self.spec_stats: SpecDecodingStats | None = None  # set when a speculative config is active
 
     def _init_caches(self) -> None:
         config = self.config
         layers = self.model.cache_layers()
+        if self.proposer is not None and hasattr(self.proposer, "cache_layers"):
+            layers += self.proposer.cache_layers()  # drafter KV: same blocks and block tables as the target's
         hybrid = any(isinstance(m.cache_spec(), StateSpec) for m in layers)
         kv_format = resolve_kv_cache_format(config.kv_cache_dtype, self.dtype)
         capacity = allocate_caches(
@@ -181,24 +197,64 @@ class LLMEngine:
             SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.eos_token_ids)
             for r in requests
         ]
-        sampled = sample(step.logits, rows)
         new_tokens: list[list[int]] = [[] for _ in plan.scheduled]
-        for i, token in zip(step.sample_rows, sampled.token_ids):
-            new_tokens[i] = [token]
+        num_accepted = [0] * len(plan.scheduled)
+        if self.proposer is None:
+            sampled = sample(step.logits, rows)
+            token_lists = [[t] for t in sampled.token_ids]
+            logprob_lists = [[lp] if lp is not None else None for lp in sampled.logprobs]
+        else:
+            drafts = [plan.scheduled[i].draft_token_ids for i in step.sample_rows]
+            verified = verify(step.logits, rows, drafts)
+            token_lists, logprob_lists = verified.token_ids, verified.logprobs
+            for i, draft, accepted in zip(step.sample_rows, drafts, verified.num_accepted):
+                num_accepted[i] = accepted
+                self.spec_stats.observe(len(draft), accepted)
+            self.runner.keep_accepted_state(plan, num_accepted)
+        for i, tokens in zip(step.sample_rows, token_lists):
+            new_tokens[i] = tokens
         before = {r.request_id: len(r.output_token_ids) for r in requests}
         self.scheduler.commit(plan, new_tokens)
         outputs = []
-        for request, logprobs in zip(requests, sampled.logprobs):
+        for request, logprobs in zip(requests, logprob_lists):
             added = request.output_token_ids[before[request.request_id] :]
-            outputs.append(self._emit(request, added, [logprobs] if logprobs is not None else None))
+            outputs.append(self._emit(request, added, logprobs[: len(added)] if logprobs is not None else None))
+        if self.proposer is not None:
+            self._propose(plan, step, num_accepted)
+            self._spec_logger.maybe_log()
         return outputs
+
+    def _propose(self, plan, step, num_accepted: list[int]) -> None:
+        """Draft tokens for every running request whose next step is a decode (all its tokens but
+        the last computed), at most as many as its remaining length allows. Model drafters also
+        see the whole step (plan, runner output, accepted counts) to keep their own caches."""
+        requests, limits = [], []
+        for item in plan.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING or request.num_computed_tokens != request.num_tokens - 1:
+                continue
+            limit = min(self.spec_config.num_speculative_tokens, request.max_total_tokens - request.num_tokens - 1)
+            if request.params.max_tokens is not None:
+                limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
+            requests.append(request)
+            limits.append(max(limit, 0))
+        drafts = self.proposer.propose(requests, limits, plan, step, num_accepted)
+        for request, draft in zip(requests, drafts):
+            request.draft_token_ids = draft
 
     def _emit(self, request: Request, added: list[int], logprobs) -> RequestOutput:
         detok = self.detokenizers[request.request_id]
         stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED
         # A stop token's own text is not part of the answer (vLLM does the same).
         text_tokens = added[:-1] if stopped_by_token and not request.params.include_stop_str_in_output else added
-        delta = detok.add_tokens(text_tokens)
+        delta = ""
+        for n, token in enumerate(text_tokens):  # one at a time: a stop string ends the output at its token
+            delta += detok.add_tokens([token])
+            if detok.stopped and n + 1 < len(added):
+                del request.output_token_ids[n + 1 - len(added) :]
+                added = added[: n + 1]
+                logprobs = logprobs[: n + 1] if logprobs is not None else None
+                break
         if detok.stopped and not request.status.finished:
             request.stop_reason = detok.stop_reason
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)

@@ -39,6 +39,9 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     num_preemptions: int = 0
     logprobs: list | None = None  # TokenLogprobs per output token when params.logprobs is set
+    # Speculative decoding: tokens a proposer drafted to verify in the next step. They are not
+    # output (yet): the verification step appends the accepted ones.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if self.params.logprobs is not None and self.logprobs is None:

@@ -24,8 +24,9 @@ def token_slice(request: Request, start: int, end: int) -> list[int]:
 @dataclass
 class StepOutput:
     hidden: torch.Tensor  # [T, H] every scheduled token
-    logits: torch.Tensor  # [N, V] in the model dtype, the rows listed in sample_rows
-    sample_rows: list[int]  # index into plan.scheduled of each logits row
+    logits: torch.Tensor  # [sum(1 + k_i), V] in the model dtype: for each of sample_rows, 1 + its drafts rows
+    sample_rows: list[int]  # index into plan.scheduled of each request that samples
+    batch: ForwardBatch  # what the model ran (model drafters reuse its positions and KV slots)
 
 
 class ModelRunner:
@@ -33,6 +34,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.state_layers = [m for m in model.cache_layers() if hasattr(m, "restore_verified")]
 
     def prepare(self, plan: SchedulerPlan) -> ForwardBatch:
         bs = self.block_size
@@ -40,7 +42,7 @@ class ModelRunner:
         for item in plan.scheduled:
             request, start = item.request, item.request.num_computed_tokens
             end = start + item.num_tokens
-            ids += token_slice(request, start, end)
+            ids += token_slice(request, start, end - item.num_drafts) + item.draft_token_ids
             positions += range(start, end)
             blocks = request.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
@@ -61,6 +63,7 @@ class ModelRunner:
             context_lens=torch.tensor([c + q for c, q in zip(num_computed, query_lens)], dtype=torch.long, device=dev),
             state_slots=torch.tensor(state_slots, dtype=torch.long, device=dev),
             block_size=bs,
+            num_drafts=[item.num_drafts for item in plan.scheduled],
         )
 
     @torch.inference_mode()
@@ -68,6 +71,16 @@ class ModelRunner:
         batch = self.prepare(plan)
         hidden = self.model(batch)
         sample_rows = [i for i, item in enumerate(plan.scheduled) if item.samples]
-        last_token_rows = [batch.query_start[i + 1] - 1 for i in sample_rows]
-        logits = self.model.compute_logits(hidden[last_token_rows])
-        return StepOutput(hidden, logits, sample_rows)
+        # A verified request needs logits at its last token and at each draft (1 + k rows).
+        ends = [batch.query_start[i + 1] for i in sample_rows]
+        rows = [r for i, end in zip(sample_rows, ends) for r in range(end - 1 - plan.scheduled[i].num_drafts, end)]
+        logits = self.model.compute_logits(hidden[rows])
+        return StepOutput(hidden, logits, sample_rows, batch)
+
+    def keep_accepted_state(self, plan: SchedulerPlan, num_accepted: list[int]) -> None:
+        """After verification: layers with per-sequence state (GDN) go back to the state after
+        each verified request's accepted tokens, as if the rejected drafts had never been seen.
+        num_accepted[i] belongs to plan.scheduled[i] (0 for requests without drafts)."""
+        kept = {i: 1 + n for i, (item, n) in enumerate(zip(plan.scheduled, num_accepted)) if n < item.num_drafts}
+        for layer in self.state_layers:
+            layer.restore_verified(kept)

@@ -71,7 +71,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     """Pick one token per row of `logits` [N, V] and compute the logprobs the rows asked for."""
     processed = apply_logits_processors(logits, rows)
     token_ids = _draw(processed, rows)
-    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=_logprobs(logits, token_ids, rows))
+    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=compute_logprobs(logits, token_ids, rows))
 
 
 def _select(x: torch.Tensor, index: list[int]) -> torch.Tensor:
@@ -227,7 +227,7 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if random_rows:
         probs = _select(processed, random_rows).softmax(dim=1)
         uniform = _uniforms([rows[i] for i in random_rows], processed.device)
-        token_ids[random_rows] = _inverse_cdf(probs, uniform)
+        token_ids[random_rows] = inverse_cdf(probs, uniform)
     return token_ids
 
 
@@ -243,7 +243,7 @@ def _uniforms(rows: list[SamplingRow], device) -> torch.Tensor:
 _BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
-def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """[M] token ids, row m drawn from probs[m] (zeros allowed; the total need not be exactly 1).
 
     Two levels: pick a block of (up to) _BLOCK tokens by the blocks' masses, then a token inside the
@@ -270,7 +270,7 @@ def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (block * block_size + token).squeeze(1)
 
 
-def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
     """vLLM's raw logprobs: log-softmax of the unprocessed logits, for the rows that asked."""
     result: list[TokenLogprobs | None] = [None] * len(rows)
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]

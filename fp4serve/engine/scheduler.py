@@ -4,12 +4,14 @@ The scheduler owns all policy. Each step it first continues running requests (de
 unfinished prefill chunks, oldest first), preempting the newest by recompute when KV blocks run
 out, then admits waiting requests while the token budget, the sequence limit, the blocks and the
 state slots allow. A request may be scheduled for any number of tokens, so a verification step of
-1 + k tokens is the same plan as a prefill chunk."""
+1 + k tokens (its last token plus the k drafts in request.draft_token_ids) is the same plan as a
+prefill chunk. Commit advances a verified request only past the tokens that were accepted: the KV
+written for rejected drafts is dead, is overwritten later, and never enters the prefix cache."""
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fp4serve.engine.block_pool import BlockPool
 from fp4serve.engine.request import Request, RequestStatus
@@ -20,12 +22,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens (drafts included)
+    draft_token_ids: list[int] = field(default_factory=list)  # the drafts verified this step, last in the step
+
+    @property
+    def num_drafts(self) -> int:
+        return len(self.draft_token_ids)
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the known tokens, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_tokens - self.num_drafts == self.request.num_tokens
 
 
 @dataclass
@@ -86,6 +93,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            drafts = []
+            if request.draft_token_ids and n == request.num_tokens - request.num_computed_tokens:
+                drafts = request.draft_token_ids[: budget - n]  # verify as many as the budget allows
+                n += len(drafts)
             while not self._grow(request, request.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -94,7 +105,7 @@ class Scheduler:
                     break
             if request.status is not RequestStatus.RUNNING:
                 break
-            scheduled.append(ScheduledRequest(request, n))
+            scheduled.append(ScheduledRequest(request, n, drafts))
             budget -= n
             i += 1
         # Admitting new work while evicting running work would only thrash.
@@ -108,6 +119,11 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, n))
             budget -= n
         return SchedulerPlan(scheduled, preempted)
+
+    def reserve(self, request: Request, num_tokens: int) -> bool:
+        """Make a running request's blocks cover `num_tokens` positions now, if blocks are free (a
+        drafter writing its own KV ahead of the next step); False, holding nothing new, if not."""
+        return self._grow(request, num_tokens)
 
     def _blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
@@ -146,6 +162,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Recompute policy: drop everything the request holds; it restarts from its tokens so far."""
         self._release(request)
+        request.draft_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -164,12 +181,17 @@ class Scheduler:
     # ---- after the forward ------------------------------------------------------------------
     def commit(self, plan: SchedulerPlan, new_tokens: list[list[int]]) -> list[Request]:
         """Advance each scheduled request by its computed tokens and append the sampled ones
-        (new_tokens[i] is empty for a prefill chunk that did not reach the end). Returns the
-        requests that finished this step; their resources are already released."""
+        (new_tokens[i] is empty for a prefill chunk that did not reach the end). For a verified
+        request new_tokens[i] is its accepted drafts then one target token, and only the accepted
+        drafts count as computed. Returns the requests that finished this step; their resources
+        are already released."""
         finished = []
         for item, tokens in zip(plan.scheduled, new_tokens):
             request = item.request
-            request.num_computed_tokens += item.num_tokens
+            request.draft_token_ids = []
+            accepted = len(tokens) - 1 if item.num_drafts else 0
+            assert 0 <= accepted <= item.num_drafts and tokens[:accepted] == item.draft_token_ids[:accepted]
+            request.num_computed_tokens += item.num_tokens - item.num_drafts + accepted
             bs = self.block_size
             if self.pool.enable_prefix_caching and (len(request.block_hashes) + 1) * bs <= request.num_computed_tokens:
                 self.pool.register_full_blocks(

@@ -42,11 +42,13 @@ def recurrent_gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
+    states_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta rule one token at a time.
 
     q, k [B, T, Hk, dk] (L2-normalized by the caller), v [B, T, Hv, dv], g (log decay, <= 0) and
-    beta [B, T, Hv], initial_state [B, Hv, dk, dv] or None for zeros.
+    beta [B, T, Hv], initial_state [B, Hv, dk, dv] or None for zeros. states_out [B, T, Hv, dk, dv]
+    fp32, when given, receives the state after every token (speculative verification rolls back to one).
     Returns (out [B, T, Hv, dv], final_state [B, Hv, dk, dv]), both fp32."""
     B, T, _, dk = k.shape
     Hv, dv = v.shape[-2:]
@@ -65,6 +67,8 @@ def recurrent_gated_delta_rule(
         delta = (v[:, t : t + 1] - torch.bmm(k_t, state)) * beta[:, t]  # beta (v - S'^T k)
         state.baddbmm_(k_t.transpose(1, 2), delta)  # S += k delta^T
         out[:, t : t + 1] = torch.bmm(q[:, t : t + 1], state)  # S^T q
+        if states_out is not None:
+            states_out[:, t] = state.view(B, Hv, dk, dv)
     return out.view(B, Hv, T, dv).transpose(1, 2), state.view(B, Hv, dk, dv)
 
 
@@ -195,6 +199,9 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_dim, hidden_size, dtype=dtype, prefix=f"{prefix}.out_proj")
         self.conv_state: torch.Tensor | None = None  # bound by the engine: [slots, K-1, conv_dim]
         self.recurrent_state: torch.Tensor | None = None  # [slots, Hv, dk, dv] fp32
+        # The last step's verified sequences: index -> (slot, conv inputs [K-1+T, C], states [T, Hv, dk, dv]).
+        # Scratch for this step only (not per slot): memory for the sequences that verify, when they do.
+        self.verified: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def cache_spec(self) -> StateSpec:
         return StateSpec((
@@ -214,37 +221,73 @@ class GatedDeltaNet(nn.Module):
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32, or fp16 A would overflow
         core = x.new_empty(T, self.num_v_heads, self.head_v_dim)
+        drafts = batch.num_drafts or [0] * batch.num_seqs
+        self.verified = {}
         decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
         if decode:
             rows = torch.tensor([batch.query_start[i] for i in decode], device=x.device)
             out = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], batch, decode, chunked=False)
             core[rows] = out[:, 0]
+        # Verification rows (last token + drafts): token by token, keeping the state after each,
+        # batched over the sequences that verify the same number of tokens.
+        by_length: dict[int, list[int]] = {}
         for i, n in enumerate(batch.query_lens):
-            if n != 1:
+            if n != 1 and drafts[i]:
+                by_length.setdefault(n, []).append(i)
+        for n, seqs in by_length.items():
+            rows = torch.cat([torch.arange(batch.query_start[i], batch.query_start[i] + n) for i in seqs]).to(x.device)
+            shape = (len(seqs), n)
+            out = self._mix(
+                qkv[rows].view(*shape, -1), g[rows].view(*shape, -1), beta[rows].view(*shape, -1), batch, seqs,
+                chunked=False, keep_states=True,
+            )  # fmt: skip
+            core[rows] = out.flatten(0, 1)
+        for i, n in enumerate(batch.query_lens):
+            if n != 1 and not drafts[i]:
                 rows = batch.seq_rows(i)
                 core[rows] = self._mix(qkv[None, rows], g[None, rows], beta[None, rows], batch, [i], chunked=True)[0]
         core = self.norm(core, z.view(T, self.num_v_heads, self.head_v_dim))
         return self.out_proj(core.view(T, self.value_dim))
 
-    def _mix(self, qkv, g, beta, batch: ForwardBatch, seqs: list[int], chunked: bool) -> torch.Tensor:
+    def _mix(
+        self, qkv, g, beta, batch: ForwardBatch, seqs: list[int], chunked: bool, keep_states: bool = False
+    ) -> torch.Tensor:
         """Conv + delta rule for sequences `seqs`, inputs [B, T, ...] (B = len(seqs)): reads their
         slots (zeros for fresh sequences, whose slot may hold a previous owner's state), writes the
-        final window and state back. Returns [B, T, Hv, dv] in the model dtype."""
+        final window and state back (and, with keep_states, what restore_verified needs).
+        Returns [B, T, Hv, dv] in the model dtype."""
         slots = batch.state_slots[seqs]
         fresh = [batch.num_computed[i] == 0 for i in seqs]
         window = self._read(self.conv_state, slots, fresh)
         state = self._read(self.recurrent_state, slots, fresh)
+        conv_inputs = torch.cat([window.to(qkv.dtype), qkv], dim=1) if keep_states else None
         mixed, window = causal_conv1d(qkv, window, self.conv1d.weight.squeeze(1))
         B, T = mixed.shape[:2]
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2norm(q.reshape(B, T, self.num_k_heads, self.head_k_dim).float())
         k = l2norm(k.reshape(B, T, self.num_k_heads, self.head_k_dim).float())
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        rule = chunk_gated_delta_rule if chunked else recurrent_gated_delta_rule
-        out, state = rule(q, k, v, g, beta, state)
+        if chunked:
+            out, state = chunk_gated_delta_rule(q, k, v, g, beta, state)
+        else:
+            states = q.new_empty(B, T, self.num_v_heads, self.head_k_dim, self.head_v_dim) if keep_states else None
+            out, state = recurrent_gated_delta_rule(q, k, v, g, beta, state, states_out=states)
+            if keep_states:
+                for b, i in enumerate(seqs):
+                    self.verified[i] = (int(slots[b]), conv_inputs[b], states[b])
         self.conv_state[slots] = window.to(self.conv_state.dtype)
         self.recurrent_state[slots] = state
         return out.to(qkv.dtype)
+
+    def restore_verified(self, kept: dict[int, int]) -> None:
+        """Put back the state after the first kept[i] tokens of verified sequence i (the last
+        token and the accepted drafts): exactly the state had the rejected drafts never been seen."""
+        K = self.conv_kernel
+        for i, n in kept.items():
+            slot, conv_inputs, states = self.verified[i]
+            self.conv_state[slot] = conv_inputs[n : n + K - 1].to(self.conv_state.dtype)
+            self.recurrent_state[slot] = states[n - 1]
+        self.verified = {}
 
     @staticmethod
     def _read(cache: torch.Tensor, slots: torch.Tensor, fresh: list[bool]) -> torch.Tensor:

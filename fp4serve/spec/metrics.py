@@ -1,7 +1,12 @@
 """Speculative-decoding counters with vLLM's meanings (REFERENCE.md section 7)."""
 from __future__ import annotations
 
+import copy
+import logging
+import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,3 +41,61 @@ class SpecDecodingStats:
 
     def per_position_rates(self) -> list[float]:
         return [n / self.num_drafts if self.num_drafts else 0.0 for n in self.accepted_per_position]
+
+
+@dataclass
+class Counter:
+    """One counter, shaped like vllm.v1.metrics.reader.Counter (what vLLM's LLM.get_metrics() returns)."""
+
+    name: str
+    value: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Vector:
+    """A counter per position, shaped like vllm.v1.metrics.reader.Vector."""
+
+    name: str
+    values: list[int]
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def spec_decode_metrics(stats: SpecDecodingStats) -> list[Counter | Vector]:
+    """The counters under vLLM's metric names (Prometheus adds `_total` to the counters)."""
+    return [
+        Counter("vllm:spec_decode_num_drafts", stats.num_drafts),
+        Counter("vllm:spec_decode_num_draft_tokens", stats.num_draft_tokens),
+        Counter("vllm:spec_decode_num_accepted_tokens", stats.num_accepted_tokens),
+        Vector("vllm:spec_decode_num_accepted_tokens_per_pos", list(stats.accepted_per_position)),
+    ]
+
+
+class SpecDecodingLogger:
+    """Logs the counters' change over each interval, in the shape of vLLM's line:
+    mean acceptance length, acceptance rate, per-position rates, accepted and drafted tokens."""
+
+    def __init__(self, stats: SpecDecodingStats, interval_s: float = 10.0):
+        self.stats, self.interval_s = stats, interval_s
+        self.last = copy.deepcopy(stats)
+        self.last_time = time.monotonic()
+
+    def maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self.last_time < self.interval_s or self.stats.num_drafts == self.last.num_drafts:
+            return
+        s, last = self.stats, self.last
+        delta = SpecDecodingStats(
+            s.num_speculative_tokens, s.num_drafts - last.num_drafts, s.num_draft_tokens - last.num_draft_tokens,
+            s.num_accepted_tokens - last.num_accepted_tokens,
+            [a - b for a, b in zip(s.accepted_per_position, last.accepted_per_position)],
+        )  # fmt: skip
+        log.info(
+            "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted throughput: %.2f tokens/s, "
+            "Drafted throughput: %.2f tokens/s, Accepted: %d tokens, Drafted: %d tokens, "
+            "Per-position acceptance rate: %s, Avg Draft acceptance rate: %.1f%%",
+            delta.mean_acceptance_length, delta.num_accepted_tokens / (now - self.last_time),
+            delta.num_draft_tokens / (now - self.last_time), delta.num_accepted_tokens, delta.num_draft_tokens,
+            ", ".join(f"{r:.3f}" for r in delta.per_position_rates()), 100 * delta.acceptance_rate,
+        )  # fmt: skip
+        self.last, self.last_time = copy.deepcopy(s), now

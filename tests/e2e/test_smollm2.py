@@ -55,3 +55,21 @@ def test_stop_string_truncates_text(llm):
     cut = llm.chat(CHATS[0], SamplingParams(temperature=0.0, max_tokens=32, stop=[" is "]))[0].outputs[0]
     assert cut.text == full[: full.index(" is ")]
     assert cut.finish_reason == "stop" and cut.stop_reason == " is "
+
+
+def test_ngram_speculation_is_lossless_on_the_real_model(llm, smollm2_path):
+    """Prompt lookup drafts on real text (a copying prompt accepts many), in one mixed batch: the
+    output is token for token the output without drafting."""
+    spec = LLM(
+        str(smollm2_path), dtype="float32", max_model_len=1024, kv_cache_memory="256MiB",
+        speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+    )  # fmt: skip
+    chats = [
+        CHATS[2],
+        [{"role": "user", "content": "Repeat this list exactly: apples, pears, plums, cherries, grapes, melons, lemons."}],
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.chat(chats, params)]
+    assert [o.outputs[0].token_ids for o in spec.chat(chats, params)] == expected
+    stats = spec.engine.spec_stats
+    assert stats.num_accepted_tokens >= 10 and stats.num_drafts > 0

@@ -93,7 +93,7 @@ def _layer(slots=8, seed=4) -> GatedDeltaNet:
     return layer
 
 
-def _batch(query_lens, num_computed, slots) -> ForwardBatch:
+def _batch(query_lens, num_computed, slots, num_drafts=None) -> ForwardBatch:
     """Only what GDN reads: per-sequence lengths, cached counts and state slots."""
     T = sum(query_lens)
     return ForwardBatch(
@@ -101,6 +101,7 @@ def _batch(query_lens, num_computed, slots) -> ForwardBatch:
         query_lens=list(query_lens), num_computed=list(num_computed),
         slot_mapping=torch.zeros(T, dtype=torch.long), block_tables=torch.zeros(len(slots), 1, dtype=torch.long),
         context_lens=torch.zeros(len(slots), dtype=torch.long), state_slots=torch.tensor(slots), block_size=16,
+        num_drafts=num_drafts,
     )  # fmt: skip
 
 
@@ -145,3 +146,29 @@ def test_any_split_equals_whole_sequence():
             pieces.append(layer(torch.cat([other[:1], x[t : t + 1]]), _batch([1, 1], [9 + t - 13, t], [6, 1]))[1:])
     torch.testing.assert_close(torch.cat(pieces), whole, atol=ATOL, rtol=0)
     torch.testing.assert_close(layer.recurrent_state[1], final, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kept", [1, 2, 4, 5])
+def test_verification_rollback_equals_never_seeing_rejected_tokens(kept):
+    """Two sequences verify 1 + 4 tokens in one step (beside a third's decode); keeping the first
+    `kept` of sequence 0's tokens (all of sequence 1's) leaves exactly the states of a run that
+    decoded only those tokens, one at a time, and the outputs of the kept rows are that run's."""
+    layer = _layer()
+    gen = torch.Generator().manual_seed(7)
+    prefix, verified, other, decode = (torch.randn(n, 32, generator=gen) for n in (9, 5, 5, 1))
+    with torch.inference_mode():
+        layer(torch.cat([prefix, prefix]), _batch([9, 9], [0, 0], [2, 5]))  # both sequences share a 9-token prefill
+        start = _snapshot(layer)
+        x = torch.cat([verified, other, decode])
+        out = layer(x, _batch([5, 5, 1], [9, 9, 3], [2, 5, 7], num_drafts=[4, 4, 0]))
+        layer.restore_verified({0: kept})  # sequence 1 accepted everything: nothing to restore
+        rolled = _snapshot(layer)
+        _restore(layer, start)
+        reference = [layer(verified[t : t + 1], _batch([1], [9 + t], [2])) for t in range(kept)]
+        for t in range(5):
+            layer(other[t : t + 1], _batch([1], [9 + t], [5]))
+        after = _snapshot(layer)
+    torch.testing.assert_close(out[:kept], torch.cat(reference), atol=ATOL, rtol=0)
+    for slot in (2, 5):
+        torch.testing.assert_close(rolled[0][slot], after[0][slot], atol=ATOL, rtol=0)  # in_proj rounding varies with batch shape
+        torch.testing.assert_close(rolled[1][slot], after[1][slot], atol=ATOL, rtol=0)

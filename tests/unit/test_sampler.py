@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fp4serve.engine.sampler import SamplingRow, _inverse_cdf, apply_logits_processors, sample
+from fp4serve.engine.sampler import SamplingRow, apply_logits_processors, inverse_cdf, sample
 from fp4serve.sampling_params import SamplingParams
 
 EOS = 7
@@ -110,7 +110,7 @@ def test_inverse_cdf_gives_each_token_exactly_its_share_of_the_unit_interval():
     probs[[3, 299, 300, 599]] = torch.tensor([0.5, 0.25, 0.25, 1e-9])
     grid = 10_000
     uniform = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
-    counts = torch.bincount(_inverse_cdf(probs.expand(grid, -1), uniform), minlength=600).double()
+    counts = torch.bincount(inverse_cdf(probs.expand(grid, -1), uniform), minlength=600).double()
     assert (counts - probs.double() * grid).abs().max() <= 1
 
 
@@ -120,7 +120,7 @@ def test_inverse_cdf_ends_and_tiny_tokens():
     probs = torch.zeros(600)
     probs[[3, 299, 599]] = torch.tensor([0.75, 0.25, 1e-9])
     uniform = torch.tensor([0.0, 0.5e-9, 2e-9, 0.1, 0.5, 1 - 2**-53], dtype=torch.float64)
-    tokens = _inverse_cdf(probs.expand(len(uniform), -1), uniform)
+    tokens = inverse_cdf(probs.expand(len(uniform), -1), uniform)
     assert tokens.tolist() == [599, 599, 299, 299, 3, 3]
 
 

@@ -69,7 +69,8 @@ def check_plan(s: Scheduler, plan: SchedulerPlan) -> None:
         r = item.request
         assert r.status is RequestStatus.RUNNING and r in s.running
         assert item.num_tokens >= 1
-        assert r.num_computed_tokens + item.num_tokens <= r.num_tokens, "scheduled past the known tokens"
+        assert r.num_computed_tokens + item.num_tokens - item.num_drafts <= r.num_tokens, "scheduled past the known tokens"
+        assert item.draft_token_ids == r.draft_token_ids[: item.num_drafts], "drafts verified out of order"
         assert len(r.block_ids) * BS >= r.num_computed_tokens + item.num_tokens, "no KV slot for a scheduled token"
     for r in plan.preempted:
         assert r.block_ids == [] and r.state_slot is None and r.num_computed_tokens == 0
@@ -495,3 +496,62 @@ def test_commit_of_several_tokens_respects_max_tokens():
     plan = s.schedule()
     s.commit(plan, [[5, 6, 7, 8]])
     assert len(r.output_token_ids) == 3 and r.status is RequestStatus.FINISHED_LENGTH
+
+
+# ---- drafts (request.draft_token_ids) ---------------------------------------------------------
+
+
+def test_drafts_ride_with_the_last_token_within_the_budget():
+    s = make_scheduler(budget=4)
+    r = make_request("r", 3)
+    s.add(r)
+    step(s)
+    r.draft_token_ids = [11, 12, 13, 14]
+    plan = s.schedule()
+    check_plan(s, plan)
+    item = plan.scheduled[0]
+    assert (item.num_tokens, item.draft_token_ids, item.samples) == (4, [11, 12, 13], True)  # 1 + 3 fit
+
+
+def test_commit_counts_only_accepted_drafts_as_computed():
+    s = make_scheduler()
+    r = make_request("r", 3)
+    s.add(r)
+    step(s, {"r": [50]})
+    r.draft_token_ids = [11, 12, 13, 14]
+    plan = s.schedule()
+    assert plan.scheduled[0].num_tokens == 5
+    s.commit(plan, [[11, 60]])  # one draft accepted, then the target's own token
+    assert r.output_token_ids == [50, 11, 60] and r.num_computed_tokens == 5 and r.draft_token_ids == []
+    plan = s.schedule()
+    assert plan.scheduled[0].num_tokens == 1 and r.num_computed_tokens + 1 == r.num_tokens
+
+
+def test_rejected_drafts_never_enter_the_prefix_cache():
+    """Block 2 (positions 4..7) held the KV of drafts 12, 13, 14 when all were rejected; a later prompt
+    with exactly those tokens must not hit it. Block 1 (all committed) is cached."""
+    s = make_scheduler(prefix=True)
+    r = make_request("r", 3)
+    s.add(r)
+    step(s, {"r": [50]})
+    r.draft_token_ids = [11, 12, 13, 14]
+    plan = s.schedule()
+    s.commit(plan, [[70]])  # all rejected: only the last token (position 3) was committed
+    assert r.num_computed_tokens == 4 and len(r.block_hashes) == 1
+    s.finish(r, RequestStatus.FINISHED_ABORTED)
+    other = Request("o", [0, 1, 2, 50, 11, 12, 13, 14, 15], SamplingParams(max_tokens=1), 100)
+    s.add(other)
+    s.schedule()
+    assert other.num_computed_tokens == BS  # one cached block, not two
+
+
+def test_preemption_drops_drafts():
+    s = make_scheduler(num_blocks=3, budget=16)
+    a, b = make_request("a", 4), make_request("b", 4, first=50)
+    for r in (a, b):
+        s.add(r)
+    step(s)
+    b.draft_token_ids = [1, 2, 3]
+    a.draft_token_ids = [7, 8, 9, 10, 11, 12, 13]  # a needs more blocks than are free: b is preempted
+    plan = s.schedule()
+    assert plan.preempted == [b] and b.draft_token_ids == []

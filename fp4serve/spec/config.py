@@ -1,0 +1,121 @@
+"""--speculative-config: vLLM's JSON, validated at start so a wrong drafter fails before serving.
+
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    {"method": "mtp", "num_speculative_tokens": 3}            # aliases qwen3_5_mtp, qwen3_next_mtp
+    {"method": "dflash", "model": "path/to/drafter"}          # k defaults to block_size - 1
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fp4serve.errors import ConfigError
+
+MTP_ALIASES = ("mtp", "qwen3_5_mtp", "qwen3_next_mtp")
+METHODS = ("ngram", *MTP_ALIASES, "dflash")
+_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+# vLLM's default lookup window when neither bound is given.
+DEFAULT_PROMPT_LOOKUP = 5
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str  # ngram | mtp | dflash (aliases resolved)
+    num_speculative_tokens: int
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP
+    model: Path | None = None  # the drafter directory (dflash) or the target's (mtp)
+
+
+def parse_speculative_config(raw: dict | None, target_path: Path, target_config) -> SpeculativeConfig | None:
+    """Validate `raw` (already JSON-decoded) against the target model; None when drafting is off."""
+    if not raw:
+        return None
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ConfigError(f"--speculative-config: unknown keys {unknown}; known: {sorted(_KEYS)}")
+    method = raw.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"--speculative-config: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    k = raw.get("num_speculative_tokens")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ConfigError(f"--speculative-config: num_speculative_tokens must be an integer >= 1, got {k!r}")
+    if method == "ngram":
+        return _ngram(raw, k)
+    if method in MTP_ALIASES:
+        return _mtp(raw, k, target_path, target_config)
+    return _dflash(raw, k, target_config)
+
+
+def _ngram(raw: dict, k: int | None) -> SpeculativeConfig:
+    if k is None:
+        raise ConfigError("--speculative-config: method ngram needs num_speculative_tokens")
+    low, high = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
+    for name, value in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"--speculative-config: {name} must be an integer >= 1, got {value!r}")
+    # vLLM: a missing bound takes the other's value; both missing: 5.
+    low = low if low is not None else (high or DEFAULT_PROMPT_LOOKUP)
+    high = high if high is not None else max(low, DEFAULT_PROMPT_LOOKUP)
+    if low > high:
+        raise ConfigError(f"--speculative-config: prompt_lookup_min {low} > prompt_lookup_max {high}")
+    return SpeculativeConfig("ngram", k, low, high)
+
+
+def _mtp(raw: dict, k: int | None, target_path: Path, target_config) -> SpeculativeConfig:
+    path = Path(raw["model"]).expanduser() if raw.get("model") else target_path
+    if not getattr(target_config, "mtp_num_hidden_layers", 0):
+        raise ConfigError(
+            f"--speculative-config: method {raw['method']!r} needs a Qwen3.5/3.6 target with an MTP head "
+            f"(mtp_num_hidden_layers in its config); {target_path.name} has none"
+        )
+    if not any(name.startswith("mtp.") for name in tensor_names(path)):
+        raise ConfigError(
+            f"--speculative-config: method {raw['method']!r} needs the checkpoint's mtp.* tensors, and {path} has "
+            f"none (some quantized exports drop them)"
+        )
+    return SpeculativeConfig("mtp", k or 1, model=path)
+
+
+def _dflash(raw: dict, k: int | None, target_config) -> SpeculativeConfig:
+    if not raw.get("model"):
+        raise ConfigError("--speculative-config: method dflash needs \"model\": the drafter's directory")
+    path = Path(raw["model"]).expanduser()
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ConfigError(f"--speculative-config: DFlash drafter {path} has no config.json")
+    try:
+        drafter = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config_file}: {e}") from e
+    if "DFlashDraftModel" not in (drafter.get("architectures") or []):
+        raise ConfigError(f"{path} is not a DFlash drafter (architectures {drafter.get('architectures')})")
+    hidden, target_hidden = drafter.get("hidden_size"), target_config.hidden_size
+    if hidden != target_hidden:
+        raise ConfigError(f"DFlash drafter {path}: hidden size {hidden} does not fit the target's {target_hidden}")
+    layers = target_config.num_hidden_layers
+    if drafter.get("num_target_layers", layers) != layers:
+        raise ConfigError(
+            f"DFlash drafter {path} was trained for a {drafter['num_target_layers']}-layer target; this one has {layers}"
+        )
+    ids = (drafter.get("dflash_config") or {}).get("target_layer_ids") or []
+    if any(not 0 <= i < layers for i in ids):
+        raise ConfigError(f"DFlash drafter {path}: target_layer_ids {ids} outside the target's {layers} layers")
+    block_size = drafter.get("block_size", 16)
+    if k is not None and k > block_size - 1:
+        raise ConfigError(f"DFlash drafter {path}: num_speculative_tokens {k} exceeds block_size - 1 = {block_size - 1}")
+    return SpeculativeConfig("dflash", k or block_size - 1, model=path)
+
+
+def tensor_names(model_dir: Path) -> list[str]:
+    """Tensor names of a checkpoint from the safetensors headers alone (no weights read)."""
+    from safetensors import safe_open
+
+    from fp4serve.formats.safetensors_io import weight_files
+
+    names = []
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            names += list(f.keys())
+    return names
