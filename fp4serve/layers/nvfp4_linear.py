@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.checkpoint import COMPRESSED_TENSORS, MODELOPT, ON_THE_FLY
 from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, dequantize_nvfp4, quantize_nvfp4, unpack_fp4
+from fp4serve.kernels.cpu_nvfp4 import nvfp4_linear
 from fp4serve.layers.linear import LinearMethod
 
 log = logging.getLogger(__name__)
@@ -197,5 +198,15 @@ class NVFP4LinearMethod(LinearMethod):
         for rows, shard in layer.activation_groups:
             xs = self.transform_input(layer, x, shard)
             bias = layer.bias[rows] if layer.bias is not None else None
+            # the same weights as dequantized_weight(), decoded tile by tile (kernels/cpu_nvfp4.py)
+            outputs.append(nvfp4_linear(xs, layer.weight_packed[rows], layer.weight_scale[rows], layer.row_global[rows], bias))  # fmt: skip
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+    def reference_apply(self, layer, x):
+        """Plain torch: the whole dequantized matrix, then F.linear (what apply() is tested against)."""
+        outputs = []
+        for rows, shard in layer.activation_groups:
+            bias = layer.bias[rows] if layer.bias is not None else None
+            xs = self.transform_input(layer, x, shard)
             outputs.append(F.linear(xs, self.dequantized_weight(layer, rows, x.dtype), bias))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
