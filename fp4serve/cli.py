@@ -33,7 +33,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint format (default: detected from the files); nvfp4 quantizes a 16-bit checkpoint at load")  # fmt: skip
     p.add_argument("--nvfp4-compute", default="auto", choices=["auto", "w4a16", "w4a4"],
                    help="NVFP4 linears: w4a16 dequantizes weights (auto); w4a4 also quantizes activations (Blackwell numerics)")  # fmt: skip
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4"],
+                   help="KV cache storage: auto (model dtype); fp8 with per-layer k/v scales; nvfp4 (4-bit, 16-element blocks)")  # fmt: skip
+    p.add_argument("--calculate-kv-scales", action="store_true",
+                   help="fp8/nvfp4 KV: calibrate each layer's k/v scales on the first prefill (default: checkpoint or 1.0)")  # fmt: skip
     p.add_argument("--speculative-config", default=None, help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'')
 
 
@@ -41,7 +44,7 @@ ENGINE_FIELDS = (
     "model", "tokenizer", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
     "kv_cache_memory", "enable_prefix_caching", "enable_chunked_prefill", "seed", "generation_config",
     "chat_template", "language_model_only", "trust_remote_code", "num_threads", "quantization", "nvfp4_compute",
-    "kv_cache_dtype", "speculative_config",
+    "kv_cache_dtype", "calculate_kv_scales", "speculative_config",
 )  # fmt: skip
 
 

@@ -51,6 +51,7 @@ class EngineConfig:
     quantization: str | None = None  # None: detect from the files; modelopt | compressed-tensors | nvfp4 (on the fly)
     nvfp4_compute: str = "auto"  # auto (w4a16) | w4a16 | w4a4 (activations quantize-dequantized per 16-block)
     kv_cache_dtype: str = "auto"  # auto (model dtype) | bfloat16 | fp8 | fp8_e4m3 | nvfp4
+    calculate_kv_scales: bool = False  # fp8/nvfp4 KV: per-layer scales from the first prefill's amax
     speculative_config: dict | str | None = None  # vLLM's --speculative-config JSON
 
     @classmethod
@@ -71,6 +72,11 @@ class EngineConfig:
             raise ConfigError(f"--nvfp4-compute {self.nvfp4_compute!r}: choose auto, w4a16, w4a4")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: choose {', '.join(KV_CACHE_DTYPES)}")
+        if self.calculate_kv_scales and self.kv_cache_dtype in ("auto", "bfloat16"):
+            raise ConfigError(
+                f"--calculate-kv-scales calibrates the scales of a quantized KV cache; with --kv-cache-dtype "
+                f"{self.kv_cache_dtype} there are none: add --kv-cache-dtype fp8 or nvfp4, or drop the flag"
+            )
         if isinstance(self.speculative_config, str):
             try:
                 self.speculative_config = json.loads(self.speculative_config)

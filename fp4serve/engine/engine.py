@@ -9,7 +9,7 @@ import torch
 
 from fp4serve.config import EngineConfig, ModelInfo
 from fp4serve.engine.block_pool import BlockPool
-from fp4serve.engine.cache import allocate_caches
+from fp4serve.engine.cache import allocate_caches, setup_kv_scales
 from fp4serve.engine.detokenizer import IncrementalDetokenizer
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner
@@ -19,6 +19,7 @@ from fp4serve.engine.stats import EngineStats
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.layers.cache_spec import StateSpec
+from fp4serve.layers.kv_quant import resolve_kv_cache_format
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sampling_params import SamplingParams
@@ -39,6 +40,11 @@ def resolve_model_path(model: str | None) -> Path:
     if not path.is_dir():
         raise ConfigError(f"model {model!r} is not a directory (fp4serve loads local Hugging Face directories)")
     return path
+
+
+def _count(n: int) -> str:
+    """1234567 -> '1.2M', as the capacity log line shows it."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e4 else str(n)
 
 
 class LLMEngine:
@@ -92,9 +98,16 @@ class LLMEngine:
         if self.proposer is not None and hasattr(self.proposer, "cache_layers"):
             layers += self.proposer.cache_layers()  # drafter KV: same blocks and block tables as the target's
         hybrid = any(isinstance(m.cache_spec(), StateSpec) for m in layers)
+        kv_format = resolve_kv_cache_format(config.kv_cache_dtype, self.dtype)
         capacity = allocate_caches(
-            layers, config.max_num_seqs if hybrid else 0, config.kv_cache_memory, config.block_size, self.dtype, self.device
-        )
+            layers, config.max_num_seqs if hybrid else 0, config.kv_cache_memory, config.block_size, kv_format,
+            self.device, self.dtype,
+        )  # fmt: skip
+        scales = setup_kv_scales(layers, kv_format, config.calculate_kv_scales)
+        declared = self.info.quant.kv_cache_algo if self.info.quant else None
+        if declared and not kv_format.quantized:
+            log.info("the checkpoint declares a %s KV cache; --kv-cache-dtype %s keeps K/V in %s (pass --kv-cache-dtype %s to use it)",
+                     declared, config.kv_cache_dtype, kv_format.name, declared.lower())  # fmt: skip
         if capacity.num_tokens < self.max_model_len:
             raise ConfigError(
                 f"the KV cache holds {capacity.num_tokens} tokens, fewer than max_model_len {self.max_model_len}: "
@@ -110,11 +123,12 @@ class LLMEngine:
             capacity.num_state_slots, self.eos_token_ids,
         )  # fmt: skip
         log.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f KiB/token, %.1f MiB), GDN state %.1f MiB for %d slots; "
-            "maximum concurrency for %d tokens per request: %.2fx",
-            capacity.num_blocks, capacity.block_size, capacity.num_tokens, capacity.kv_bytes_per_token / 1024,
+            "KV cache: %s, %s tokens (%.1fx of %s): %d blocks x %d tokens (%.1f KiB/token, %.1f MiB), GDN state %.1f MiB "
+            "for %d slots; maximum concurrency for %d tokens per request: %.2fx; KV scales: %s",
+            kv_format.name, _count(capacity.num_tokens), capacity.gain, capacity.baseline_format.name,
+            capacity.num_blocks, capacity.block_size, capacity.kv_bytes_per_token / 1024,
             capacity.num_tokens * capacity.kv_bytes_per_token / 2**20, capacity.state_bytes / 2**20,
-            capacity.num_state_slots, self.max_model_len, capacity.num_tokens / self.max_model_len,
+            capacity.num_state_slots, self.max_model_len, capacity.num_tokens / self.max_model_len, scales,
         )  # fmt: skip
         self.capacity = capacity
 

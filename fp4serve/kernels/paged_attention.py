@@ -3,11 +3,14 @@
 Decode steps dominate serving, and looping over 32 sequences per layer costs more in Python than
 the math. Rows are gathered into a padded [B, Hkv, max_ctx, D] view with a length mask. Plain
 matmuls rather than SDPA: torch's CPU SDPA kernel is tuned for long queries and is ~4x slower for
-one-token queries in bf16. Tested against layers.attention.paged_attention_ref."""
+one-token queries in bf16. fp8 and nvfp4 caches are decoded after the gather, so only the blocks a
+step reads are dequantized. Tested against layers.attention.paged_attention_ref."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fp4serve.layers.kv_quant import KVQuant
 
 # Up to this many sequences torch's SDPA is fastest (its transposes are tiny); beyond, its CPU
 # kernel, tuned for long queries, falls behind per-KV-head batched matmuls by 3-8x.
@@ -29,18 +32,20 @@ def gather_plan(block_tables, context_lens, block_size: int, sliding_window=None
 
 
 def decode_attention(
-    q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None, plan=None
+    q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None, plan=None, kv: KVQuant | None = None
 ) -> torch.Tensor:
     """q [B, H, D], one query per sequence at its last context position -> [B, H, D].
-    `plan` is gather_plan(...) for these arguments, when the caller caches it across layers."""
+    `plan` is gather_plan(...) for these arguments, when the caller caches it across layers.
+    `kv` decodes the stored rows (fp8, nvfp4; default plain): only the gathered blocks are decoded."""
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
     group = H // Hkv
+    kv = kv or KVQuant.plain(k_cache.dtype)
     blocks, bias = plan or gather_plan(block_tables, context_lens, k_cache.shape[1], sliding_window, q.dtype)
     max_ctx = bias.shape[-1]
     # index_select, not advanced indexing: the latter is much slower on CPU for this gather.
-    k = k_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
-    v = v_cache.index_select(0, blocks).view(B, max_ctx, Hkv, D).to(q.dtype)
+    k = kv.decode_k(k_cache.index_select(0, blocks), q.dtype).view(B, max_ctx, Hkv, D)
+    v = kv.decode_v(v_cache.index_select(0, blocks), q.dtype).view(B, max_ctx, Hkv, D)
     if B <= SDPA_MAX_BATCH:
         mask = bias[:, None]  # [B, 1, 1, ctx]
         o = F.scaled_dot_product_attention(

@@ -1,7 +1,8 @@
 """Paged attention over a block-table KV cache.
 
 `paged_attention_ref` is the reference: one sequence at a time, K/V gathered from the cache
-through the block table, plain SDPA with a causal offset mask. Fast paths in kernels/ must match it.
+through the block table and decoded (layers/kv_quant.py: plain, fp8 or nvfp4 storage), plain SDPA
+with a causal offset mask. Fast paths in kernels/ must match it.
 """
 from __future__ import annotations
 
@@ -12,16 +13,27 @@ from torch import nn
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.kernels.paged_attention import decode_attention, gather_plan
 from fp4serve.layers.cache_spec import KVCacheSpec
+from fp4serve.layers.kv_quant import KVCacheFormat, KVQuant
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store k, v [T, Hkv, D] at flat slots of caches shaped [num_blocks, block_size, Hkv, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+    kv: KVQuant | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Encode k, v [T, Hkv, D] (kv: the storage format and scales; default plain in the cache
+    dtype) and store them at flat slots of caches shaped [num_blocks, block_size, Hkv, row_width].
+    Returns the stored rows."""
+    kv = kv or KVQuant.plain(k_cache.dtype)
+    k_stored, v_stored = kv.encode(k, v)
+    for cache, rows in ((k_cache, k_stored), (v_cache, v_stored)):
+        if cache.dtype == torch.float8_e4m3fn:  # torch has no fp8 index_copy_ on CPU: copy the bytes
+            cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows)
+    return k_stored, v_stored
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of one sequence: [length, Hkv, D]."""
+    """The first `length` cached tokens of one sequence, as stored: [length, Hkv, row_width]."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
@@ -37,16 +49,18 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     seqs: list[int] | None = None,
     out: torch.Tensor | None = None,
+    kv: KVQuant | None = None,
 ) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D] for the sequences `seqs` (default all), written into `out`.
     Token j of a sequence with c cached tokens before this step sees cache positions [0, c + j]
-    (causal) or the whole context (non-causal)."""
+    (causal) or the whole context (non-causal). kv decodes the stored rows (default: plain)."""
     out = torch.empty_like(q) if out is None else out
+    kv = kv or KVQuant.plain(k_cache.dtype)
     for i in range(batch.num_seqs) if seqs is None else seqs:
         rows = batch.seq_rows(i)
         ctx = int(batch.context_lens[i])
-        k = gather_kv(k_cache, batch.block_tables[i], ctx).to(q.dtype)
-        v = gather_kv(v_cache, batch.block_tables[i], ctx).to(q.dtype)
+        k = kv.decode_k(gather_kv(k_cache, batch.block_tables[i], ctx), q.dtype)
+        v = kv.decode_v(gather_kv(v_cache, batch.block_tables[i], ctx), q.dtype)
         qi = q[rows].transpose(0, 1)  # [H, q, D]
         mask = None
         if causal:
@@ -63,27 +77,29 @@ def paged_attention_ref(
 
 
 def paged_attention(
-    q, k_new, v_new, k_cache, v_cache, batch: ForwardBatch, scale: float, causal: bool, sliding_window: int | None = None
-) -> torch.Tensor:
+    q, k_new, v_new, k_cache, v_cache, batch: ForwardBatch, scale: float, causal: bool,
+    sliding_window: int | None = None, kv: KVQuant | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Dispatch, every path equal to paged_attention_ref: decode rows (one query token each) go
     through the batched kernel in one call; a prompt's first chunk attends to its own fresh K/V
-    (k_new/v_new [T, Hkv, D], already written to the cache) without reading the cache back; other
-    chunks go through the reference."""
+    (k_new/v_new [T, Hkv, row_width], the rows as stored in the cache) without gathering the cache;
+    other chunks go through the reference."""
+    kv = kv or KVQuant.plain(k_cache.dtype)
     if not causal:
-        return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal)
+        return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal, kv=kv)
     if batch.decode_only:
         plan = batch.memo(
             ("decode_gather", sliding_window, q.dtype),
             lambda: gather_plan(batch.block_tables, batch.context_lens, batch.block_size, sliding_window, q.dtype),
         )
-        return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, sliding_window, plan)
+        return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, sliding_window, plan, kv)
     out = torch.empty_like(q)
     decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
     if decode:
         rows = torch.tensor([batch.query_start[i] for i in decode], device=q.device)
         seqs = torch.tensor(decode, device=q.device)
         out[rows] = decode_attention(
-            q[rows], k_cache, v_cache, batch.block_tables[seqs], batch.context_lens[seqs], scale, sliding_window
+            q[rows], k_cache, v_cache, batch.block_tables[seqs], batch.context_lens[seqs], scale, sliding_window, kv=kv
         )
     chunks = []
     for i, n in enumerate(batch.query_lens):
@@ -91,15 +107,23 @@ def paged_attention(
             continue
         if batch.num_computed[i] == 0 and sliding_window is None:
             rows = batch.seq_rows(i)
-            qi, ki, vi = (t[rows].transpose(0, 1) for t in (q, k_new.to(q.dtype), v_new.to(q.dtype)))
+            # Decode the stored rows rather than use the unquantized K/V: with an fp8 or nvfp4
+            # cache the prompt then attends to exactly the values a later step reads back, so a
+            # token's result does not depend on whether its context was computed in this step or
+            # came from the cache (prefix-cache hits, chunked prefill, speculative verification).
+            ki, vi = kv.decode_k(k_new[rows], q.dtype), kv.decode_v(v_new[rows], q.dtype)
+            qi, ki, vi = (t.transpose(0, 1) for t in (q[rows], ki, vi))
             out[rows] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
         else:
             chunks.append(i)
-    return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal, sliding_window, seqs=chunks, out=out)
+    return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal, sliding_window, seqs=chunks, out=out, kv=kv)
 
 
 class PagedAttention(nn.Module):
-    """Writes this step's K/V into the layer's cache, then attends over everything cached."""
+    """Writes this step's K/V into the layer's cache, then attends over everything cached.
+
+    k_scale / v_scale are the per-tensor scales of an fp8 or nvfp4 cache: 1.0 by default, set by
+    `load_kv_scale` from a checkpoint, or calibrated on the first forward (`calibrate_kv_scales`)."""
 
     def __init__(
         self,
@@ -117,14 +141,28 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.causal = causal
-        self.k_cache: torch.Tensor | None = None  # bound by the engine: [num_blocks, block_size, Hkv, D]
+        self.k_cache: torch.Tensor | None = None  # bound by the engine: [num_blocks, block_size, Hkv, row_width]
         self.v_cache: torch.Tensor | None = None
+        # Buffers, not parameters: a checkpoint may or may not carry them (the strict loader
+        # requires every parameter). Explicit float32: the model is built under its own dtype.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.loaded_scales: set[str] = set()  # "k", "v": the scales a checkpoint provided
+        self.calibrate_kv_scales = False
+        self.kv: KVQuant | None = None
 
     def cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.num_kv_heads, self.head_dim)
 
-    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_format: KVCacheFormat | None = None) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
+        kv_format = kv_format or KVCacheFormat.plain(k_cache.dtype)
+        self.kv = KVQuant(kv_format, self.k_scale, self.v_scale)
+
+    def load_kv_scale(self, which: str, value: torch.Tensor) -> None:
+        """A checkpoint's k_scale or v_scale (which: "k" or "v")."""
+        (self.k_scale if which == "k" else self.v_scale).copy_(value.reshape(()))
+        self.loaded_scales.add(which)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
@@ -132,6 +170,12 @@ class PagedAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.causal, self.sliding_window)
+        if self.calibrate_kv_scales:  # vLLM's --calculate-kv-scales: once, on the first prefill
+            self.k_scale.copy_(self.kv.format.scale_for_amax(k.abs().amax()))
+            self.v_scale.copy_(self.kv.format.scale_for_amax(v.abs().amax()))
+            self.calibrate_kv_scales = False
+        k_stored, v_stored = write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping, self.kv)
+        out = paged_attention(
+            q, k_stored, v_stored, self.k_cache, self.v_cache, batch, self.scale, self.causal, self.sliding_window, self.kv
+        )
         return out.reshape(T, self.num_heads * self.head_dim)

@@ -11,6 +11,7 @@ from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.layers.linear import Linear, PlainLinearMethod
+from fp4serve.models.kv_scales import take_kv_scales
 from fp4serve.models.weights import LoadPlan, load_weights
 
 
@@ -52,7 +53,7 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             plan.dropped.setdefault("lm_head.weight", "tied to embed_tokens")
             plan.tied["lm_head.weight"] = "model.embed_tokens.weight"
-        load_weights(self, weights, plan)
+        load_weights(self, take_kv_scales(self, weights, plan), plan)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.method.process_weights_after_loading(module)
