@@ -195,26 +195,39 @@ def cmd_bench_serve(args) -> None:
 
 def build_workloads(args, config, model_root: str | None, headers: dict):
     """(prompts by category, long-context prompts by tier, how tokens were counted)."""
-    from fp4serve.bench import workloads
     from fp4serve.bench.token_count import make_counter
 
     counter = None
+    # open for as long as a counter may call the server's /tokenize
+    client = httpx.Client(headers=headers)
 
     def get_counter():
         nonlocal counter
         if counter is None:
-            with httpx.Client(headers=headers) as client:
-                counter = make_counter(client, config.root_url, config.model, args.tokenizer, model_root)
+            counter = make_counter(client, config.root_url, config.model, args.tokenizer, model_root)
             print(f"counting prompt tokens with: {counter.method}", file=sys.stderr)
         return counter
+
+    try:
+        return _build_workloads(args, config, get_counter)
+    finally:
+        client.close()
+
+
+def _build_workloads(args, config, get_counter):
+    """build_workloads' body; get_counter() makes the token counter on first use."""
+    from fp4serve.bench import workloads
+
+    counter = None
 
     if args.workload == "categories":
         names = args.categories.split(",") if args.categories else list(workloads.CATEGORIES)
         workload = workloads.category_prompts([n.strip() for n in names if n.strip()])
     elif args.workload == "random":
         count = min(max(config.level_size(max(config.concurrency)), 16), 256)
+        counter = get_counter()
         workload = {"random": workloads.random_prompts(
-            get_counter(), count, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed
+            counter, count, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed
         )}  # fmt: skip
     else:
         workload = workloads.read_jsonl(args.workload)
@@ -229,7 +242,8 @@ def build_workloads(args, config, model_root: str | None, headers: dict):
         for tier in args.long_context.split(","):
             tokens = workloads.parse_token_count(tier)
             count = args.long_context_prompts * len(config.temperatures)
-            padded = workloads.long_context_prompts(get_counter(), tokens, questions, count, args.seed)
+            counter = get_counter()
+            padded = workloads.long_context_prompts(counter, tokens, questions, count, args.seed)
             long_context[f"~{tier.strip()}"] = [prompt for prompt, _ in padded]
     return workload, long_context, counter.method if counter else "not needed (no padded prompts)"
 
