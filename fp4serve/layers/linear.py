@@ -57,11 +57,7 @@ class PlainLinearMethod(LinearMethod):
     def load(self, layer, name, tensor, shard):
         if name != "weight":
             raise CheckpointError(f"unexpected tensor {layer.prefix}.{name} for an unquantized Linear")
-        rows = layer.shard_rows(shard)
-        expected = (rows.stop - rows.start, layer.in_features)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{layer.prefix}.weight (shard {shard}): shape {tuple(tensor.shape)}, expected {expected}")
-        layer.weight.data[rows].copy_(tensor)
+        layer.weight.data[layer.dense_shard_rows(tensor, shard)].copy_(tensor)
 
     def apply(self, layer, x):
         return F.linear(x, layer.weight, layer.bias)
@@ -112,6 +108,14 @@ class Linear(nn.Module):
             return slice(0, self.out_features)
         start = sum(self.output_sizes[:shard])
         return slice(start, start + self.output_sizes[shard])
+
+    def dense_shard_rows(self, weight: torch.Tensor, shard: int | None) -> slice:
+        """The output rows a dense (16-bit) weight shard fills, after checking its shape."""
+        rows = self.shard_rows(shard)
+        expected = (rows.stop - rows.start, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise CheckpointError(f"{self.prefix}.weight (shard {shard}): shape {tuple(weight.shape)}, expected {expected}")
+        return rows
 
     def load(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
         if name == "bias" and self.bias is not None:

@@ -122,10 +122,7 @@ class NVFP4LinearMethod(LinearMethod):
     def _stage_and_quantize(self, layer, name, tensor, shard):
         if name != "weight":
             raise CheckpointError(f"unexpected tensor {layer.prefix}.{name} for a Linear quantized at load")
-        rows = layer.shard_rows(shard)
-        expected = (rows.stop - rows.start, layer.in_features)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{layer.prefix}.weight (shard {shard}): shape {tuple(tensor.shape)}, expected {expected}")
+        rows = layer.dense_shard_rows(tensor, shard)
         if not hasattr(layer, "staging"):
             # 16-bit copy of the whole fused matrix, freed as soon as its last shard arrives
             layer.staging = torch.empty(layer.out_features, layer.in_features, dtype=layer.model_dtype, device=layer.weight_packed.device)  # fmt: skip
