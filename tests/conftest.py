@@ -92,3 +92,25 @@ def smollm2_path(tmp_path_factory) -> Path:
     if "FP4SERVE_CACHE" not in os.environ:
         os.environ["FP4SERVE_CACHE"] = str(tmp_path_factory.mktemp("fp4serve-cache"))
     return default_model_path()
+
+
+def paged_batch(shapes, tables, slot_mapping, ctx_lens, block_size):
+    """A ForwardBatch over paged KV for sequences (num_computed, query_len) with their block tables.
+    Tables are padded with a block of the first sequence: padding must never be read as context."""
+    from fp4serve.forward_batch import ForwardBatch
+
+    table = torch.full((len(shapes), max(len(t) for t in tables)), tables[0][0], dtype=torch.long)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = torch.tensor(t)
+    T = sum(q for _, q in shapes)
+    return ForwardBatch(
+        input_ids=torch.zeros(T, dtype=torch.long),
+        positions=torch.cat([torch.arange(c, c + q) for c, q in shapes]),
+        query_lens=[q for _, q in shapes],
+        num_computed=[c for c, _ in shapes],
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
+        block_tables=table,
+        context_lens=torch.tensor(ctx_lens, dtype=torch.long),
+        state_slots=torch.zeros(len(shapes), dtype=torch.long),
+        block_size=block_size,
+    )

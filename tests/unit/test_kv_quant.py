@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import paged_batch
 
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.errors import ConfigError
@@ -163,22 +164,9 @@ class QuantizedCase:
             k_new.append(kn)
             v_new.append(vn)
         self.k_new, self.v_new = torch.cat(k_new), torch.cat(v_new)  # this step's rows as stored
-        table = torch.full((len(shapes), max(map(len, tables))), tables[0][0], dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t)
         T = sum(q for _, q in shapes)
         self.q = torch.randn(T, H, D, generator=g).to(dtype)
-        self.batch = ForwardBatch(
-            input_ids=torch.zeros(T, dtype=torch.long),
-            positions=torch.cat([torch.arange(c, c + q) for c, q in shapes]),
-            query_lens=[q for _, q in shapes],
-            num_computed=[c for c, _ in shapes],
-            slot_mapping=torch.tensor(slot_mapping),
-            block_tables=table,
-            context_lens=torch.tensor(ctx_lens),
-            state_slots=torch.zeros(len(shapes), dtype=torch.long),
-            block_size=block_size,
-        )
+        self.batch = paged_batch(shapes, tables, slot_mapping, ctx_lens, block_size)
 
     def dense(self, quantized=True) -> torch.Tensor:
         """float64 causal attention per sequence over its dequantized (or original) K/V."""

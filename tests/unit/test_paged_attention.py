@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import paged_batch
 
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.kernels.paged_attention import decode_attention
@@ -49,24 +50,9 @@ class Case:
             v_new.append(v[computed:])
         # This step's K/V rows [T, Hkv, D], already written to the cache like PagedAttention does.
         self.k_new, self.v_new = torch.cat(k_new), torch.cat(v_new)
-        width = max(len(t) for t in self.tables)
-        # Pad with a block that belongs to a sequence: padding must never be read as context.
-        table = torch.full((len(shapes), width), self.tables[0][0], dtype=torch.long)
-        for i, t in enumerate(self.tables):
-            table[i, : len(t)] = torch.tensor(t)
         T = sum(q for _, q in shapes)
         self.q = torch.randn(T, H, D, generator=g).to(dtype)
-        self.batch = ForwardBatch(
-            input_ids=torch.zeros(T, dtype=torch.long),
-            positions=torch.cat([torch.arange(c, c + q) for c, q in shapes]),
-            query_lens=[q for _, q in shapes],
-            num_computed=[c for c, _ in shapes],
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-            block_tables=table,
-            context_lens=torch.tensor(ctx_lens, dtype=torch.long),
-            state_slots=torch.zeros(len(shapes), dtype=torch.long),
-            block_size=block_size,
-        )
+        self.batch = paged_batch(shapes, self.tables, slot_mapping, ctx_lens, block_size)
 
     def dispatch(self, causal=True, sliding_window=None) -> torch.Tensor:
         """layers.attention.paged_attention, the path the model takes."""
