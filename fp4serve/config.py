@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -10,7 +11,9 @@ import torch
 
 from fp4serve.errors import ConfigError
 from fp4serve.formats.checkpoint import QuantConfig, detect_quantization
+from fp4serve.kernels.cpu_features import CPUFeatures, cpu_features
 
+log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32, "float": torch.float32}  # fmt: skip
 QUANTIZATIONS = (None, "modelopt", "compressed-tensors", "nvfp4")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4")
@@ -123,11 +126,38 @@ class ModelInfo:
             text_config.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
         return cls(path, hf_config, text_config, list(getattr(hf_config, "architectures", None) or []), quant)
 
-    def torch_dtype(self, requested: str) -> torch.dtype:
-        if requested != "auto":
-            return DTYPES[requested]
+    def torch_dtype(self, requested: str, device: torch.device, cpu: CPUFeatures | None = None) -> tuple[torch.dtype, str]:
+        """The compute dtype and why, for the start log. cpu: the CPU's features (default: this
+        machine's)."""
         stored = getattr(self.text_config, "dtype", None) or getattr(self.hf_config, "dtype", None)
         if isinstance(stored, str):
             stored = DTYPES.get(stored)
-        # vLLM's rule: fp32 checkpoints run in bf16 unless asked; half types run as stored.
-        return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return choose_dtype(requested, stored, device, cpu)
+
+
+def choose_dtype(
+    requested: str, stored: torch.dtype | None, device: torch.device, cpu: CPUFeatures | None = None
+) -> tuple[torch.dtype, str]:
+    """--dtype auto: on CUDA vLLM's rule (fp32 checkpoints run in bf16, half types as stored). On
+    CPU a dtype the hardware computes natively: bf16 where it has bf16 dot products (AVX512-BF16,
+    AMX, ARM BF16), else fp32, because bf16 and fp16 matmuls there are emulated and hundreds of
+    times slower. An explicit 16-bit dtype on such a CPU still runs, with a warning."""
+    if device.type != "cpu":
+        if requested != "auto":
+            return DTYPES[requested], "--dtype"
+        chosen = stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return chosen, f"auto: the checkpoint's {str(stored).removeprefix('torch.')}" if stored == chosen else "auto: bf16"
+    cpu = cpu or cpu_features()
+    if requested != "auto":
+        dtype = DTYPES[requested]
+        if dtype == torch.bfloat16 and not cpu.native_bf16:
+            log.warning(
+                "--dtype bfloat16 on a CPU without bf16 dot products (level %s): torch emulates bf16 matmuls, "
+                "which is far slower than float32; --dtype auto picks float32 here", cpu.level,
+            )  # fmt: skip
+        if dtype == torch.float16:
+            log.warning("--dtype float16 on CPU: torch's CPU fp16 matmuls are slow; --dtype auto picks a faster dtype")
+        return dtype, "--dtype"
+    if cpu.native_bf16:
+        return torch.bfloat16, f"auto: bf16 dot products in hardware (CPU level {cpu.level})"
+    return torch.float32, f"auto: float32, since this CPU (level {cpu.level}) has no bf16 dot products"

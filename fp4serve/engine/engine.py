@@ -18,6 +18,7 @@ from fp4serve.engine.scheduler import Scheduler
 from fp4serve.engine.stats import EngineStats
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
+from fp4serve.kernels.cpu_features import cpu_features
 from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.layers.kv_quant import resolve_kv_cache_format
 from fp4serve.models.loader import load_model
@@ -42,6 +43,14 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
+def describe_device(device: torch.device) -> str:
+    """The device and the fast paths chosen for it, for the start log."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"CUDA {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return f"{cpu_features().describe()}; {torch.get_num_threads()} threads"
+
+
 def _count(n: int) -> str:
     """1234567 -> '1.2M', as the capacity log line shows it."""
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e4 else str(n)
@@ -59,7 +68,8 @@ class LLMEngine:
             config.speculative_config, self.model_path, self.info.text_config
         )
         self.device = config.torch_device()
-        self.dtype = self.info.torch_dtype(config.dtype)
+        self.dtype, why = self.info.torch_dtype(config.dtype, self.device)
+        log.info("%s; dtype %s (%s)", describe_device(self.device), str(self.dtype).removeprefix("torch."), why)
         self.quant = resolve_quantization(config.quantization, self.info.quant, self.model_path)
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
         self.model = load_model(self.info, self.dtype, self.device, self.quant, compute)

@@ -2,7 +2,8 @@
 
 F.linear on CPU re-lays out the weight on every call; packing once at load makes the decode-size
 matmuls (a few rows against a whole weight matrix, bandwidth bound) 1.5-1.9x faster on AVX-512
-machines. Numerically it is the same oneDNN bf16 GEMM (tests/unit/test_cpu_linear.py)."""
+machines. Numerically it is the same oneDNN bf16 GEMM (tests/unit/test_cpu_linear.py). oneDNN packs bf16
+only with AVX-512 BW/VL/DQ or AVX-NE-CONVERT: elsewhere (AVX2) the plain method stays."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ import logging
 import torch
 from torch import nn
 
+from fp4serve.kernels.cpu_features import cpu_features
 from fp4serve.layers.linear import Linear, LinearMethod, PlainLinearMethod
 
 log = logging.getLogger(__name__)
@@ -19,9 +21,11 @@ PACK_BATCH_HINT = 32
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Only where oneDNN supports bf16 reorders on this CPU (torch raises otherwise)."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
+        and cpu_features().onednn_bf16_packing
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )

@@ -1,8 +1,22 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+/* Built once per CPU level with that level's flags (cpu_nvfp4.py LEVEL_CFLAGS): AVX-512 (with or
+   without avx512_bf16), AVX2 + FMA + F16C, or portable C. Each path gives the same weights. */
+#if defined(__AVX512F__)
+#define KERNEL_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KERNEL_ISA "avx2"
+#define AVX2_PATH 1
+#else
+#define KERNEL_ISA "scalar"
+#endif
+#ifndef AVX2_PATH
+#define AVX2_PATH 0
 #endif
 
 static const float E2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
@@ -132,6 +146,99 @@ static void row_dot_##MT(const uint8_t *p, const float *s, const void *x, int x_
     }                                                                                                \
     for (int i = 0; i < MT; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i]));      \
 }
+#elif AVX2_PATH
+/* 2 x E2M1 as int8, by code: pshufb turns 32 codes into these in one instruction. Twice the value
+   keeps 1.5 and 0.5 integral; the row sum is halved at the end, which is exact (a power of two),
+   so the products are the reference weight's, doubled. */
+static const int8_t E2M1_TWICE[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static inline __m256 round_bf16_lanes(__m256 w) {
+    __m256i u = _mm256_castps_si256(w);
+    __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                    _mm256_set1_epi32(0x7fff));
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, bias), _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* 8 int8 (2 x E2M1) -> 8 fp32 weights times 2, scaled, optionally rounded to bf16. */
+static inline __m256 twice_weights(__m128i q8, __m256 scale, int round_bf16) {
+    __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), scale);
+    return round_bf16 ? round_bf16_lanes(w) : w;
+}
+
+/* Chains of independent adds per row of x: one row needs 4 to hide the FMA latency, 8 rows have
+   8 already (and 16 ymm registers in all). */
+#define CHAINS(MT) ((MT) <= 2 ? 4 : (MT) <= 4 ? 2 : 1)
+
+/* x is in block order (block_order below): in each block of 16, the 8 even elements, then the 8
+   odd ones, matching the low and high nibbles of the block's 8 bytes. */
+#define DEFINE_ROW_DOT(MT)                                                                           \
+static void row_dot_##MT(const uint8_t *p, const float *s, const void *x, int x_bf16, int64_t K,    \
+                         float *out, int round_bf16) {                                               \
+    const float *xf = (const float *)x;                                                              \
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_TWICE));   \
+    const __m256i nibble = _mm256_set1_epi8(0x0f);                                                   \
+    __m256 acc[MT][4];                                                                               \
+    (void)x_bf16; /* always fp32 here */                                                             \
+    for (int i = 0; i < MT; i++)                                                                     \
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm256_setzero_ps();                                 \
+    int64_t k = 0;                                                                                   \
+    for (; k + 64 <= K; k += 64) {                                                                   \
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + k / 2));                            \
+        __m256i even = _mm256_shuffle_epi8(lut, _mm256_and_si256(bytes, nibble));                    \
+        __m256i odd = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble)); \
+        __m128i halves[4] = {_mm256_castsi256_si128(even), _mm256_castsi256_si128(odd),             \
+                             _mm256_extracti128_si256(even, 1), _mm256_extracti128_si256(odd, 1)};   \
+        _Pragma("GCC unroll 4")                                                                      \
+        for (int b = 0; b < 4; b++) { /* block b: bytes 8 b .. 8 b + 7 */                            \
+            __m256 scale = _mm256_broadcast_ss(s + k / 16 + b);                                      \
+            __m128i e = halves[(b / 2) * 2], o = halves[(b / 2) * 2 + 1];                            \
+            if (b & 1) e = _mm_srli_si128(e, 8), o = _mm_srli_si128(o, 8);                           \
+            __m256 we = twice_weights(e, scale, round_bf16), wo = twice_weights(o, scale, round_bf16); \
+            for (int i = 0; i < MT; i++) {                                                           \
+                const float *xi = xf + i * K + k + 16 * b;                                           \
+                int c = (2 * b) % CHAINS(MT);                                                        \
+                acc[i][c] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xi), acc[i][c]);                      \
+                acc[i][(c + 1) % CHAINS(MT)] =                                                       \
+                    _mm256_fmadd_ps(wo, _mm256_loadu_ps(xi + 8), acc[i][(c + 1) % CHAINS(MT)]);      \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+    for (; k < K; k += 16) {                                                                         \
+        __m128i bytes = _mm_loadl_epi64((const __m128i *)(p + k / 2));                               \
+        const __m128i lut8 = _mm256_castsi256_si128(lut), nib8 = _mm256_castsi256_si128(nibble);    \
+        __m128i e = _mm_shuffle_epi8(lut8, _mm_and_si128(bytes, nib8));                              \
+        __m128i o = _mm_shuffle_epi8(lut8, _mm_and_si128(_mm_srli_epi16(bytes, 4), nib8));           \
+        __m256 scale = _mm256_broadcast_ss(s + k / 16);                                              \
+        __m256 we = twice_weights(e, scale, round_bf16), wo = twice_weights(o, scale, round_bf16);   \
+        for (int i = 0; i < MT; i++) {                                                               \
+            acc[i][0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xf + i * K + k), acc[i][0]);              \
+            acc[i][1 % CHAINS(MT)] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xf + i * K + k + 8), acc[i][1 % CHAINS(MT)]); \
+        }                                                                                            \
+    }                                                                                                \
+    for (int i = 0; i < MT; i++) {                                                                   \
+        __m256 sum = acc[i][0];                                                                      \
+        for (int c = 1; c < CHAINS(MT); c++) sum = _mm256_add_ps(sum, acc[i][c]);                    \
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));           \
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                      \
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                       \
+        out[i] = 0.5f * _mm_cvtss_f32(h);                                                            \
+    }                                                                                                \
+}
+
+/* One block of 16 weights in element order, exactly the reference's e2m1 * scale (signed zeros
+   too): magnitudes by an 8-entry permute, the sign bit moved in from the code. */
+static inline void decode_block_exact(const uint8_t *p, float scale, __m256 w[2]) {
+    const __m256 magnitudes = _mm256_loadu_ps(E2M1);
+    __m128i bytes = _mm_loadl_epi64((const __m128i *)p);
+    __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(bytes, _mm_set1_epi8(0x0f)),
+                                      _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0f)));
+    for (int h = 0; h < 2; h++) {
+        __m256i c = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(codes, 8) : codes);
+        __m256 m = _mm256_mul_ps(_mm256_permutevar8x32_ps(magnitudes, c), _mm256_set1_ps(scale));
+        __m256i sign = _mm256_and_si256(_mm256_slli_epi32(c, 28), _mm256_set1_epi32((int)0x80000000u));
+        w[h] = _mm256_xor_ps(m, _mm256_castsi256_ps(sign));
+    }
+}
 #else
 static inline void decode_block(const uint8_t *p, float scale, int round_bf16, float *w) {
     for (int i = 0; i < 8; i++) {
@@ -182,6 +289,17 @@ static void row_scales(const uint8_t *sc, int64_t blocks, const float *table, fl
         __m512 value = _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.f));
         value = _mm512_mask_blend_ps(_mm256_cmpeq_epi16_mask(magnitude, _mm256_set1_epi16(0x7f)), value, nan);
         _mm512_storeu_ps(s + b, _mm512_mul_ps(value, _mm512_set1_ps(g)));
+    }
+#elif AVX2_PATH
+    /* The same fp16 reading of e4m3 bits, 8 scales at a time through F16C. */
+    for (; b + 8 <= blocks; b += 8) {
+        __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sc + b)));
+        __m128i magnitude = _mm_and_si128(v, _mm_set1_epi16(0x7f));
+        __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8), _mm_slli_epi16(magnitude, 7));
+        __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+        __m256i is_nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, _mm_set1_epi16(0x7f)));
+        value = _mm256_blendv_ps(value, _mm256_set1_ps(__builtin_nanf("")), _mm256_castsi256_ps(is_nan));
+        _mm256_storeu_ps(s + b, _mm256_mul_ps(value, _mm256_set1_ps(g)));
     }
 #endif
     for (; b < blocks; b++) s[b] = table[sc[b]] * g;
@@ -237,6 +355,21 @@ static const pair_dot_fn PAIR_DOT[9] = {0, pair_dot_1, pair_dot_2, pair_dot_3, p
 /* 1: x may be passed as bf16 (then weights are rounded to bf16 and multiplied by vdpbf16ps). */
 int nvfp4_bf16_dot(void) { return BF16_DOT; }
 
+/* The instruction set this build's paths use: "avx512", "avx2" or "scalar". */
+const char *nvfp4_kernel_isa(void) { return KERNEL_ISA; }
+
+/* x for the AVX2 path: in each block of 16, the 8 even elements, then the 8 odd ones. */
+static void *block_order(const float *x, int64_t M, int64_t K) {
+    float *out = malloc(M * K * sizeof(float));
+    if (!out) return NULL;
+    for (int64_t i = 0; i < M * K; i += 16)
+        for (int j = 0; j < 8; j++) {
+            out[i + j] = x[i + 2 * j];
+            out[i + 8 + j] = x[i + 2 * j + 1];
+        }
+    return out;
+}
+
 /* x in decode_group's order: in each full group of 64 inputs, position 16 i + k holds element
    4 k + i; the tail (K % 64, whole blocks) stays in element order. */
 static void *group_order(const void *x, int64_t M, int64_t K, int elem) {
@@ -266,6 +399,7 @@ int nvfp4_gemv(const uint8_t *packed, const uint8_t *scales, const float *table,
     const int elem = x_bf16 ? 2 : 4;
     const void *x = x_in;
     if (GROUPED && !(x = group_order(x_in, M, K, elem))) return -1;
+    if (AVX2_PATH && !(x = block_order((const float *)x_in, M, K))) return -1;
 #if BF16_DOT
     if (x_bf16 && M > 1) {
         #pragma omp parallel for num_threads(threads) schedule(static)
@@ -340,6 +474,19 @@ void nvfp4_dequantize(const uint8_t *packed, const uint8_t *scales, const float 
                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16)));
             else
                 _mm512_storeu_ps((float *)out + n * K + 16 * b, w);
+#elif AVX2_PATH
+            __m256 w[2];
+            decode_block_exact(p, scale, w);
+            if (out_bf16) {
+                __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_lanes(w[0])), 16);
+                __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_lanes(w[1])), 16);
+                /* packus works per 128-bit lane: put the four 64-bit quarters back in order */
+                __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + n * K + 16 * b), words);
+            } else {
+                _mm256_storeu_ps((float *)out + n * K + 16 * b, w[0]);
+                _mm256_storeu_ps((float *)out + n * K + 16 * b + 8, w[1]);
+            }
 #else
             float w[16];
             decode_block(p, scale, 0, w);

@@ -4,12 +4,14 @@
 `x @ dequantize_nvfp4(...).to(x.dtype).T` from the packed codes and FP8 block scales as stored
 (4.5 bits per weight; nothing is re-laid out or precomputed at load). Mechanisms:
 
-- A small C kernel, compiled on first use with the system C compiler (`-march=native`: AVX-512
-  with avx512_bf16 where the CPU has it, plain C otherwise) and cached under
-  $FP4SERVE_CACHE/kernels. Up to `GEMV_MAX_ROWS` rows of x (decode), it streams each weight row
-  once and decodes 64 codes at a time in registers (a 32-entry word permute gives their bf16
-  E2M1 values, a shift or mask makes them fp32, one multiply applies the block scales), then
-  multiplies them into fp32 accumulators (bf16 x: `vdpbf16ps`, 32 products per instruction).
+- A small C kernel, compiled on first use with the system C compiler for the CPU level
+  (kernels/cpu_features.py: AVX-512 with avx512_bf16 where the CPU has it, AVX-512, AVX2 + FMA +
+  F16C, or portable C) and cached under $FP4SERVE_CACHE/kernels. Up to `GEMV_MAX_ROWS` rows of x
+  (decode), it streams each weight row once and decodes the codes in registers, then multiplies
+  them into fp32 accumulators. AVX-512: 64 codes at a time, a 32-entry word permute gives their
+  bf16 E2M1 values, one multiply applies the block scales; bf16 x uses `vdpbf16ps` (32 products
+  per instruction). AVX2: 64 codes at a time, `pshufb` gives twice their E2M1 values as int8
+  (all integers), converted to fp32 and scaled; the row sum is halved at the end (exact).
   Decode reads 4.5 instead of 16 bits per weight, which is what a decode step is bound by. For
   more rows (prefill) it dequantizes tiles of weight rows into a reused bf16 buffer that F.linear
   (oneDNN) multiplies: the GEMM dominates there and the dequantization is amortized.
@@ -39,6 +41,7 @@ from torch import Tensor
 
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_VALUES, dequantize_nvfp4, quantize_nvfp4
+from fp4serve.kernels.cpu_features import cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,17 @@ TILE_BYTES = 512 * 1024
 # The kernel source, compiled on first use (see build_kernel).
 _C_SOURCE = (Path(__file__).parent / "cpu_nvfp4.c").read_text()
 
-DEFAULT_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+BASE_CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# Explicit instruction sets, not -march=native: a library then runs on every CPU of its level, and
+# the levels below a machine's own are built and tested on it.
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+_AVX512 = _AVX2 + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+LEVEL_CFLAGS = {"scalar": (), "avx2": _AVX2, "avx512": _AVX512, "avx512_bf16": _AVX512 + ("-mavx512bf16",)}
+
+
+def kernel_cflags(level: str) -> tuple[str, ...]:
+    return BASE_CFLAGS + LEVEL_CFLAGS[level]
+
 
 # float8_e4m3fn byte -> fp32 value; the C code multiplies it by the global scale in fp32, exactly
 # as dequantize_nvfp4 does (block_scale.float() * global_scale).
@@ -66,17 +79,9 @@ _BYTE = torch.arange(256, dtype=torch.int32)
 _E2M1_PAIRS = torch.stack((E2M1_VALUES[_BYTE & 15], E2M1_VALUES[_BYTE >> 4]), dim=-1).view(torch.int64).flatten()
 
 
-def _cpu_signature() -> str:
-    """-march=native code is only valid on the CPU it was built for: key the cache on its flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 class _Kernel:
-    """The compiled C library, or None when it cannot be built (then the torch path runs)."""
+    """The compiled C library for this CPU's level, or None when it cannot be built (then the
+    torch path runs)."""
 
     _lib: ctypes.CDLL | None = None
     _tried = False
@@ -86,18 +91,18 @@ class _Kernel:
         if not cls._tried:
             cls._tried = True
             try:
-                cls._lib = build_kernel()
+                cls._lib = build_kernel(kernel_cflags(cpu_features().c_kernel_level))
             except (OSError, subprocess.SubprocessError) as e:
                 log.warning("NVFP4 CPU kernel unavailable (%s); using the slower torch dequantization", e)
         return cls._lib
 
 
-def build_kernel(cflags: tuple[str, ...] = DEFAULT_CFLAGS, cache: Path | None = None) -> ctypes.CDLL:
-    """Compile the C kernel (once per source, flags and CPU; cached) and load it."""
+def build_kernel(cflags: tuple[str, ...], cache: Path | None = None) -> ctypes.CDLL:
+    """Compile the C kernel (once per source, compiler and flags; cached) and load it."""
     from fp4serve.default_model import cache_dir
 
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join((_C_SOURCE, compiler, *cflags, _cpu_signature())).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join((_C_SOURCE, compiler, *cflags)).encode()).hexdigest()[:16]
     directory = (cache or cache_dir()) / "kernels"
     library = directory / f"cpu_nvfp4_{key}.so"
     if not library.exists():
@@ -116,7 +121,9 @@ def build_kernel(cflags: tuple[str, ...] = DEFAULT_CFLAGS, cache: Path | None = 
     lib.nvfp4_gemv.argtypes = [p, p, p, p, i64, p, i32, p, i64, i64, i64, i32, i32]
     lib.nvfp4_dequantize.argtypes = [p, p, p, p, i64, p, i64, i64, i32, i32]
     lib.nvfp4_gemv.restype, lib.nvfp4_dequantize.restype = ctypes.c_int, None
+    lib.nvfp4_kernel_isa.restype = ctypes.c_char_p
     lib.bf16_dot = bool(lib.nvfp4_bf16_dot())
+    lib.isa = lib.nvfp4_kernel_isa().decode() + ("_bf16" if lib.bf16_dot else "")
     return lib
 
 

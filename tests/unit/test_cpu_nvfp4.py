@@ -1,6 +1,6 @@
 """The CPU W4A16 NVFP4 linear (kernels/cpu_nvfp4.py) against the reference
 `x @ dequantize_nvfp4(...).to(x.dtype).T`, for each mechanism: the C kernel's decode path (few rows)
-and its tiled path (many rows), the C kernel built without AVX-512, and the torch fallback.
+and its tiled path (many rows), the C builds of every lower CPU level, and the torch fallback.
 
 Weights are random bytes and random finite e4m3 scales (every code, subnormal and maximal scales),
 so no quantizer sits between the test and the format. The dequantized weights are checked bit for
@@ -16,6 +16,7 @@ import torch
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.nvfp4 import NVFP4Tensor, dequantize_nvfp4, quantize_nvfp4
 from fp4serve.kernels import cpu_nvfp4
+from fp4serve.kernels.cpu_features import cpu_features
 from fp4serve.kernels.cpu_nvfp4 import nvfp4_linear, nvfp4_linear_w4a4
 
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
@@ -144,36 +145,45 @@ def test_decode_path_uses_the_reference_weights(dtype):
     assert torch.equal(got.to(dtype), dequantize_nvfp4(w, dtype)) and torch.equal(got, got.to(dtype).float())
 
 
-def cpu_has(*flags: str) -> bool:
-    return set(flags) <= set(cpu_nvfp4._cpu_signature().split())
+LOWER_LEVELS = [level for level in cpu_nvfp4.LEVEL_CFLAGS if level != cpu_features().c_kernel_level]
 
 
-BUILDS = {
-    "plain C": ("-march=x86-64", True),
-    "AVX-512 without bf16 dot": ("-march=skylake-avx512", cpu_has("avx512f", "avx512bw")),
-}
-
-
-@pytest.fixture(scope="module", params=list(BUILDS))
+@pytest.fixture(scope="module", params=LOWER_LEVELS)
 def other_build(request, tmp_path_factory):
-    march, runs_here = BUILDS[request.param]
-    if shutil.which("cc") is None or not runs_here:
-        pytest.skip(f"no C compiler, or this CPU cannot run the {request.param} build")
-    return cpu_nvfp4.build_kernel(("-O2", march, "-fopenmp", "-shared", "-fPIC"), cache=tmp_path_factory.mktemp("kernel"))
+    """The C build of another CPU level: every level this CPU can run is built and tested here
+    (an AVX-512 machine runs the AVX2 and portable code); the others skip."""
+    level = request.param
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    if level != "scalar" and not cpu_features().at_least(level):
+        pytest.skip(f"this CPU cannot run the {level} build ({cpu_features().describe()})")
+    lib = cpu_nvfp4.build_kernel(cpu_nvfp4.kernel_cflags(level), cache=tmp_path_factory.mktemp("kernel"))
+    assert lib.isa == level
+    return lib
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_other_builds_match(other_build, dtype):
-    """The variants other machines compile (no AVX-512; AVX-512 without avx512_bf16) give the same
-    weights and products."""
+@pytest.mark.parametrize("shape", [(33, 208), (70, 576), (5, 16)])
+def test_other_builds_match(other_build, dtype, shape):
+    """The variants other machines compile (AVX2, portable C, AVX-512 without avx512_bf16) give the
+    same weights, bit for bit, and the same products."""
     lib = other_build
-    assert not lib.bf16_dot
-    w = random_weight(33, 208, seed=11)  # 3 groups of 64 and one block of 16
+    out_features, in_features = shape
+    w = random_weight(out_features, in_features, seed=11)  # 208: 3 groups of 64 and one block of 16
     assert torch.equal(decoded_weights(lib, w, dtype).to(dtype), dequantize_nvfp4(w, dtype))
-    assert torch.equal(cpu_nvfp4._dequantize_rows_c(lib, w.packed, w.block_scale, w.global_scale, dtype), dequantize_nvfp4(w, dtype))
-    x = torch.randn(5, 208, generator=torch.Generator().manual_seed(0)).to(dtype)
-    got = cpu_nvfp4._gemv(lib, x, w.packed, w.block_scale, w.global_scale, round_bf16=dtype == torch.bfloat16)
-    assert_close_to_reference(got.to(dtype), reference(x, w), x, w)
+    tiles = cpu_nvfp4._dequantize_rows_c(lib, w.packed, w.block_scale, w.global_scale, dtype)
+    assert torch.equal(tiles.view(torch.uint8), dequantize_nvfp4(w, dtype).view(torch.uint8))  # signed zeros too
+    for rows in (1, 2, 3, 5, 8, 9, 32):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        got = cpu_nvfp4._gemv(lib, x, w.packed, w.block_scale, w.global_scale, round_bf16=dtype == torch.bfloat16)
+        assert_close_to_reference(got.to(dtype), reference(x, w), x, w)
+
+
+def test_kernel_follows_the_cpu_level():
+    """The build loaded is the one of this process's CPU level (FP4SERVE_CPU_ISA lowers it)."""
+    if not cpu_nvfp4.kernel_available():
+        pytest.skip("no C compiler")
+    assert cpu_nvfp4._Kernel.get().isa == cpu_features().c_kernel_level
 
 
 def test_empty_batch(path):
