@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from fp4serve.errors import Fp4ServeError
 
@@ -12,6 +13,8 @@ from fp4serve.errors import Fp4ServeError
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: prompts are token ids, outputs carry token ids and empty text")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -41,7 +44,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 ENGINE_FIELDS = (
-    "model", "tokenizer", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+    "model", "tokenizer", "skip_tokenizer_init", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
     "kv_cache_memory", "enable_prefix_caching", "enable_chunked_prefill", "seed", "generation_config",
     "chat_template", "language_model_only", "trust_remote_code", "num_threads", "quantization", "nvfp4_compute",
     "kv_cache_dtype", "calculate_kv_scales", "speculative_config",
@@ -82,7 +85,7 @@ def cmd_serve(args) -> None:
     )  # fmt: skip
     api_key = args.api_key or os.environ.get("FP4SERVE_API_KEY") or None
     run_server(engine_config(args), host=args.host, port=args.port, api_key=api_key,
-               served_model_names=args.served_model_name, options=options)  # fmt: skip
+               served_model_names=args.served_model_name, options=options, started=args.started)  # fmt: skip
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -238,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

@@ -35,7 +35,8 @@ class EngineConfig:
     """Everything `fp4serve serve` and `LLM(...)` accept. Field names are vLLM's engine args."""
 
     model: str | None = None  # None: the embedded default model
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # a directory with the tokenizer (default: the model's)
+    skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs without text
     dtype: str = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None

@@ -11,10 +11,50 @@ from fp4serve.sampling_params import GENERATION_CONFIG_FIELDS
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(path: str | Path, chat_template: str | None = None):
-    """transformers' tokenizer; `chat_template` (a file or the template text) overrides the model's."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a model served without one (vLLM's skip_tokenizer_init):
+    prompts must be token ids, outputs carry token ids and empty text."""
+
+    eos_token_id = None
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def _refuse(self, what: str):
+        raise InvalidRequestError(
+            f"{what} needs a tokenizer, and this server has none ({self.why}): send prompts as token ids "
+            f"(prompt_token_ids, or a list of ints as the completions prompt), or restart with --tokenizer DIR"
+        )
+
+    def __call__(self, text, *args, **kwargs):
+        self._refuse("a text prompt")
+
+    @property
+    def chat_template(self):
+        self._refuse("a chat conversation")
+
+    def convert_ids_to_tokens(self, ids):
+        self._refuse("token strings")
+
+    def decode(self, ids, *args, **kwargs) -> str:
+        return ""
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None, skip: bool = False, explicit: bool = False):
+    """transformers' tokenizer; `chat_template` (a file or the template text) overrides the model's.
+    skip (--skip-tokenizer-init), or a model directory without tokenizer files (`explicit`: the
+    path came from --tokenizer, whose absence is an error), gives a NoTokenizer."""
     from transformers import AutoTokenizer
 
+    if skip:
+        return NoTokenizer("--skip-tokenizer-init")
+    path = Path(path)
+    if not explicit and path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer files: serving token-id prompts only (pass --tokenizer DIR for text)", path)
+        return NoTokenizer(f"{path} has no tokenizer files")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

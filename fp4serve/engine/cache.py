@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from fp4serve.errors import ConfigError
@@ -36,13 +37,28 @@ class CacheCapacity:
         return self.num_tokens / self.baseline_tokens if self.baseline_tokens else 1.0
 
 
+def zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache tensor. On CPU through calloc (numpy.zeros): the OS hands out zeroed
+    pages on first touch, so a large cache costs no start-up time and no resident memory until
+    blocks are used. Zeros, not garbage: masked cache positions are still multiplied by 0, and
+    0 * NaN would be NaN."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = 1
+    for n in shape:
+        count *= n
+    return torch.from_numpy(numpy.zeros(count * dtype.itemsize, dtype=numpy.uint8)).view(dtype).view(shape)
+
+
 def allocate_caches(
     layers, num_state_slots: int, memory_budget: int, block_size: int, kv_format: KVCacheFormat | torch.dtype,
-    device: torch.device, model_dtype: torch.dtype | None = None,
+    device: torch.device, model_dtype: torch.dtype | None = None, max_tokens: int | None = None,
 ) -> CacheCapacity:  # fmt: skip
     """Binds cache tensors to each layer (see models/base.py cache_layers) and returns the capacity.
     State slots are sized first (they are per sequence, not per token); KV blocks take the rest.
-    kv_format: the KV storage (a plain dtype is accepted for a 16/32-bit cache)."""
+    kv_format: the KV storage (a plain dtype is accepted for a 16/32-bit cache). max_tokens: the
+    most tokens the scheduler can hold at once (max_num_seqs x (max_model_len + lookahead)); no
+    more blocks than those are allocated, however large the budget."""
     if isinstance(kv_format, torch.dtype):
         kv_format = KVCacheFormat.plain(kv_format)
     baseline = KVCacheFormat.plain(model_dtype) if model_dtype is not None else kv_format
@@ -63,18 +79,20 @@ def allocate_caches(
         )
     kv_budget = memory_budget - state_bytes
     num_blocks = kv_budget // (kv_per_token * block_size) if kv_layers else 0
+    if max_tokens is not None:
+        num_blocks = min(num_blocks, -(-max_tokens // block_size))
     baseline_tokens = kv_budget // (baseline_per_token * block_size) * block_size if kv_layers else 0
     for layer in kv_layers:
         fmt = formats[layer]
         shape = layer.cache_spec().block_shape(num_blocks, block_size, fmt)
-        k, v = (torch.zeros(shape, dtype=fmt.storage_dtype, device=device) for _ in range(2))
+        k, v = (zeros(shape, fmt.storage_dtype, device) for _ in range(2))
         if isinstance(layer, PagedAttention):
             layer.bind_cache(k, v, fmt)
         else:
             layer.bind_cache(k, v)
     for layer in state_layers:
         tensors = {
-            name: torch.zeros((num_state_slots, *shape), dtype=dtype, device=device)
+            name: zeros((num_state_slots, *shape), dtype, device)
             for name, shape, dtype in layer.cache_spec().tensors
         }
         layer.bind_cache(**tensors)

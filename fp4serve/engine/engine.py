@@ -15,7 +15,7 @@ from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner
 from fp4serve.engine.sampler import SamplingRow, sample
 from fp4serve.engine.scheduler import Scheduler
-from fp4serve.engine.stats import EngineStats
+from fp4serve.engine.stats import EngineStats, PhaseTimer
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.kernels.cpu_features import cpu_features
@@ -27,7 +27,7 @@ from fp4serve.sampling_params import SamplingParams
 from fp4serve.spec.config import SpeculativeConfig, parse_speculative_config
 from fp4serve.spec.metrics import SpecDecodingLogger, SpecDecodingStats
 from fp4serve.spec.verify import verify
-from fp4serve.tokenizer import eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
+from fp4serve.tokenizer import NoTokenizer, eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def _count(n: int) -> str:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        phases = PhaseTimer()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
@@ -67,16 +68,21 @@ class LLMEngine:
         self.spec_config: SpeculativeConfig | None = parse_speculative_config(
             config.speculative_config, self.model_path, self.info.text_config
         )
+        phases.done("config")
         self.device = config.torch_device()
         self.dtype, why = self.info.torch_dtype(config.dtype, self.device)
         log.info("%s; dtype %s (%s)", describe_device(self.device), str(self.dtype).removeprefix("torch."), why)
         self.quant = resolve_quantization(config.quantization, self.info.quant, self.model_path)
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
         self.model = load_model(self.info, self.dtype, self.device, self.quant, compute)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path, config.chat_template)
+        phases.done("weights")
+        self.tokenizer = load_tokenizer(
+            config.tokenizer or self.model_path, config.chat_template, config.skip_tokenizer_init, bool(config.tokenizer)
+        )
         generation_config = read_generation_config(self.model_path)
         self.default_sampling = sampling_defaults(generation_config) if config.generation_config == "auto" else {}
         self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
+        phases.done("tokenizer")
         self.vocab_size = self.info.text_config.vocab_size
         self.max_model_len = config.max_model_len or self.info.text_config.max_position_embeddings
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
@@ -94,7 +100,10 @@ class LLMEngine:
             self.spec_stats = SpecDecodingStats(self.spec_config.num_speculative_tokens)
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
+            phases.done("drafter")
         self._init_caches()
+        phases.done("caches")
+        log.info("engine start-up: %s", phases)
         self.runner = ModelRunner(self.model, config.block_size, self.device)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -109,9 +118,12 @@ class LLMEngine:
             layers += self.proposer.cache_layers()  # drafter KV: same blocks and block tables as the target's
         hybrid = any(isinstance(m.cache_spec(), StateSpec) for m in layers)
         kv_format = resolve_kv_cache_format(config.kv_cache_dtype, self.dtype)
+        # No more KV than the scheduler can fill: every sequence at max_model_len, plus room for
+        # the drafts a step verifies beyond it and a partial last block.
+        lookahead = (self.spec_config.num_speculative_tokens + 1 if self.spec_config else 0) + config.block_size
         capacity = allocate_caches(
             layers, config.max_num_seqs if hybrid else 0, config.kv_cache_memory, config.block_size, kv_format,
-            self.device, self.dtype,
+            self.device, self.dtype, max_tokens=config.max_num_seqs * (self.max_model_len + lookahead),
         )  # fmt: skip
         scales = setup_kv_scales(layers, kv_format, config.calculate_kv_scales)
         declared = self.info.quant.kv_cache_algo if self.info.quant else None
@@ -133,11 +145,13 @@ class LLMEngine:
             capacity.num_state_slots, self.eos_token_ids,
         )  # fmt: skip
         log.info(
-            "KV cache: %s, %s tokens (%.1fx of %s): %d blocks x %d tokens (%.1f KiB/token, %.1f MiB), GDN state %.1f MiB "
-            "for %d slots; maximum concurrency for %d tokens per request: %.2fx; KV scales: %s",
+            "KV cache: %s, %s tokens (%.1fx of %s): %d blocks x %d tokens (%.1f KiB/token, %.1f MiB of --kv-cache-memory "
+            "%.1f MiB; sized for --max-num-seqs %d x --max-model-len %d at most), GDN state %.1f MiB for %d slots; "
+            "maximum concurrency for %d tokens per request: %.2fx; KV scales: %s",
             kv_format.name, _count(capacity.num_tokens), capacity.gain, capacity.baseline_format.name,
             capacity.num_blocks, capacity.block_size, capacity.kv_bytes_per_token / 1024,
-            capacity.num_tokens * capacity.kv_bytes_per_token / 2**20, capacity.state_bytes / 2**20,
+            capacity.num_tokens * capacity.kv_bytes_per_token / 2**20, config.kv_cache_memory / 2**20,
+            config.max_num_seqs, self.max_model_len, capacity.state_bytes / 2**20,
             capacity.num_state_slots, self.max_model_len, capacity.num_tokens / self.max_model_len, scales,
         )  # fmt: skip
         self.capacity = capacity
@@ -163,6 +177,8 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         params = params or self.default_sampling_params()
         params.validate()
+        if params.stop and isinstance(self.tokenizer, NoTokenizer):
+            raise InvalidRequestError(f"stop strings need a tokenizer, and this server has none ({self.tokenizer.why})")
         self._check_prompt(token_ids)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:

@@ -113,3 +113,19 @@ class EngineStats:
                 self.prompt_tokens, self.generation_tokens, dict(self.finished), self.time_to_first_token.copy(),
                 self.inter_token_latency.copy(), self.e2e_latency.copy(),
             )  # fmt: skip
+
+
+class PhaseTimer:
+    """Wall time of consecutive start-up phases, for one log line."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in self.times.items())

@@ -20,6 +20,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Awaitable
 
 from fastapi import FastAPI, Request
@@ -224,8 +225,10 @@ def run_server(
     api_key: str | None = None,
     served_model_names: list[str] | None = None,
     options: ServerOptions | None = None,
+    started: float | None = None,
 ) -> None:
-    """Load the model, then serve it until interrupted."""
+    """Load the model, then serve it until interrupted. started: time.perf_counter() when the
+    command began, for the start-up log."""
     import uvicorn
 
     from fp4serve.engine.engine import LLMEngine
@@ -238,6 +241,8 @@ def run_server(
     async_engine = AsyncEngine(engine)
     try:
         app = build_app(async_engine, names, api_key, options)
+        if started is not None:
+            log.info("ready %.2f s after the command started", time.perf_counter() - started)
         print(ready_message(host, port, names[0], api_key is not None), file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5)
     finally:
