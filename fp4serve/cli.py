@@ -34,6 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quantization", "-q", default=None, choices=["modelopt", "compressed-tensors", "nvfp4"],
                    help="checkpoint format (default: detected from the files); nvfp4 quantizes a 16-bit checkpoint at load")  # fmt: skip
+    p.add_argument("--nvfp4-lm-head", action="store_true",
+                   help="quantize the 16-bit lm_head to NVFP4 W4A16 at load (smaller decode reads; see docs/benchmarks.md for its quality)")  # fmt: skip
     p.add_argument("--nvfp4-compute", default="auto", choices=["auto", "w4a16", "w4a4"],
                    help="NVFP4 linears: w4a16 dequantizes weights (auto); w4a4 also quantizes activations (Blackwell numerics)")  # fmt: skip
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4"],
@@ -46,7 +48,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 ENGINE_FIELDS = (
     "model", "tokenizer", "skip_tokenizer_init", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
     "kv_cache_memory", "enable_prefix_caching", "enable_chunked_prefill", "seed", "generation_config",
-    "chat_template", "language_model_only", "trust_remote_code", "num_threads", "quantization", "nvfp4_compute",
+    "chat_template", "language_model_only", "trust_remote_code", "num_threads", "quantization", "nvfp4_lm_head", "nvfp4_compute",
     "kv_cache_dtype", "calculate_kv_scales", "speculative_config",
 )  # fmt: skip
 

@@ -53,6 +53,7 @@ class EngineConfig:
     trust_remote_code: bool = False  # accepted for vLLM compatibility; we never run remote code
     num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
     quantization: str | None = None  # None: detect from the files; modelopt | compressed-tensors | nvfp4 (on the fly)
+    nvfp4_lm_head: bool = False  # quantize a 16-bit lm_head to NVFP4 at load (the biggest read of a 4-bit decode step)
     nvfp4_compute: str = "auto"  # auto (w4a16) | w4a16 | w4a4 (activations quantize-dequantized per 16-block)
     kv_cache_dtype: str = "auto"  # auto (model dtype) | bfloat16 | fp8 | fp8_e4m3 | nvfp4
     calculate_kv_scales: bool = False  # fp8/nvfp4 KV: per-layer scales from the first prefill's amax

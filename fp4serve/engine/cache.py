@@ -42,11 +42,11 @@ def zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     pages on first touch, so a large cache costs no start-up time and no resident memory until
     blocks are used. Zeros, not garbage: masked cache positions are still multiplied by 0, and
     0 * NaN would be NaN."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
     count = 1
     for n in shape:
         count *= n
+    if device.type != "cpu" or count == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
     return torch.from_numpy(numpy.zeros(count * dtype.itemsize, dtype=numpy.uint8)).view(dtype).view(shape)
 
 

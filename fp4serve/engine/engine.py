@@ -74,7 +74,7 @@ class LLMEngine:
         log.info("%s; dtype %s (%s)", describe_device(self.device), str(self.dtype).removeprefix("torch."), why)
         self.quant = resolve_quantization(config.quantization, self.info.quant, self.model_path)
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
-        self.model = load_model(self.info, self.dtype, self.device, self.quant, compute)
+        self.model = load_model(self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head)
         phases.done("weights")
         self.tokenizer = load_tokenizer(
             config.tokenizer or self.model_path, config.chat_template, config.skip_tokenizer_init, bool(config.tokenizer)

@@ -28,12 +28,7 @@ departures: `vdpbf16ps` and the bf16 conversions treat fp32 subnormals as zero (
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +36,7 @@ from torch import Tensor
 
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_VALUES, dequantize_nvfp4, quantize_nvfp4
-from fp4serve.kernels.cpu_features import cpu_features
+from fp4serve.kernels.cpu_build import cpu_library
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +49,6 @@ GEMV_MAX_ROWS = 32
 TILE_ROWS = 64
 TILE_BYTES = 512 * 1024
 
-# The kernel source, compiled on first use (see build_kernel).
-_C_SOURCE = (Path(__file__).parent / "cpu_nvfp4.c").read_text()
-
-BASE_CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
-# Explicit instruction sets, not -march=native: a library then runs on every CPU of its level, and
-# the levels below a machine's own are built and tested on it.
-_AVX2 = ("-mavx2", "-mfma", "-mf16c")
-_AVX512 = _AVX2 + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
-LEVEL_CFLAGS = {"scalar": (), "avx2": _AVX2, "avx512": _AVX512, "avx512_bf16": _AVX512 + ("-mavx512bf16",)}
-
-
-def kernel_cflags(level: str) -> tuple[str, ...]:
-    return BASE_CFLAGS + LEVEL_CFLAGS[level]
-
-
 # float8_e4m3fn byte -> fp32 value; the C code multiplies it by the global scale in fp32, exactly
 # as dequantize_nvfp4 does (block_scale.float() * global_scale).
 _E4M3_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
@@ -79,56 +59,24 @@ _BYTE = torch.arange(256, dtype=torch.int32)
 _E2M1_PAIRS = torch.stack((E2M1_VALUES[_BYTE & 15], E2M1_VALUES[_BYTE >> 4]), dim=-1).view(torch.int64).flatten()
 
 
-class _Kernel:
-    """The compiled C library for this CPU's level, or None when it cannot be built (then the
-    torch path runs)."""
-
-    _lib: ctypes.CDLL | None = None
-    _tried = False
-
-    @classmethod
-    def get(cls) -> ctypes.CDLL | None:
-        if not cls._tried:
-            cls._tried = True
-            try:
-                cls._lib = build_kernel(kernel_cflags(cpu_features().c_kernel_level))
-            except (OSError, subprocess.SubprocessError) as e:
-                log.warning("NVFP4 CPU kernel unavailable (%s); using the slower torch dequantization", e)
-        return cls._lib
-
-
-def build_kernel(cflags: tuple[str, ...], cache: Path | None = None) -> ctypes.CDLL:
-    """Compile the C kernel (once per source, compiler and flags; cached) and load it."""
-    from fp4serve.default_model import cache_dir
-
-    compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join((_C_SOURCE, compiler, *cflags)).encode()).hexdigest()[:16]
-    directory = (cache or cache_dir()) / "kernels"
-    library = directory / f"cpu_nvfp4_{key}.so"
-    if not library.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            source = Path(tmp) / "cpu_nvfp4.c"
-            source.write_text(_C_SOURCE)
-            built = Path(tmp) / library.name
-            result = subprocess.run([compiler, *cflags, str(source), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode:
-                raise OSError(f"{compiler} failed: {result.stderr.strip()[:500]}")
-            os.replace(built, library)  # atomic: a concurrent process sees the old state or the whole file
-        log.info("compiled the NVFP4 CPU kernel: %s", library)
-    lib = ctypes.CDLL(str(library))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.nvfp4_gemv.argtypes = [p, p, p, p, i64, p, i32, p, i64, i64, i64, i32, i32]
-    lib.nvfp4_dequantize.argtypes = [p, p, p, p, i64, p, i64, i64, i32, i32]
-    lib.nvfp4_gemv.restype, lib.nvfp4_dequantize.restype = ctypes.c_int, None
-    lib.nvfp4_kernel_isa.restype = ctypes.c_char_p
-    lib.bf16_dot = bool(lib.nvfp4_bf16_dot())
-    lib.isa = lib.nvfp4_kernel_isa().decode() + ("_bf16" if lib.bf16_dot else "")
+def nvfp4_library(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
+    """The kernel library with its NVFP4 entry points typed (once per library)."""
+    if lib is not None and not hasattr(lib, "nvfp4_typed"):
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.nvfp4_gemv.argtypes = [p, p, p, p, i64, p, i32, p, i64, i64, i64, i32, i32]
+        lib.nvfp4_dequantize.argtypes = [p, p, p, p, i64, p, i64, i64, i32, i32]
+        lib.nvfp4_gemv.restype, lib.nvfp4_dequantize.restype = ctypes.c_int, None
+        lib.nvfp4_typed = True
     return lib
 
 
+def kernel() -> ctypes.CDLL | None:
+    """This CPU's kernel library, or None (no C compiler: the torch path runs)."""
+    return nvfp4_library(cpu_library())
+
+
 def kernel_available() -> bool:
-    return _Kernel.get() is not None
+    return kernel() is not None
 
 
 def _check_weight(packed: Tensor, block_scale: Tensor, global_scale: Tensor) -> None:
@@ -185,7 +133,7 @@ def nvfp4_linear(
     rows = x2.shape[0]
     # [1] or [out] fp32 multipliers; C reads row n's at n * stride
     g = global_scale.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
-    lib = _Kernel.get() if x.device.type == "cpu" else None
+    lib = kernel() if x.device.type == "cpu" else None
     if lib is not None and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32):
         y = _gemv(lib, x2, packed, block_scale, g, round_bf16=x.dtype == torch.bfloat16)
         if bias is not None:

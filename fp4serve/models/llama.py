@@ -1,18 +1,33 @@
 """Llama-family decoders: LlamaForCausalLM (SmolLM2), Qwen2ForCausalLM (q/k/v bias),
-Qwen3ForCausalLM (per-head q/k RMSNorm). One pre-norm block: attention + SwiGLU MLP."""
+Qwen3ForCausalLM (per-head q/k RMSNorm). One pre-norm block: attention + SwiGLU MLP.
+
+On CPU, decode steps of layers the fused C step supports (kernels/cpu_decode.py: no q/k norm, no
+sliding window, a 16/32-bit KV cache, NVFP4 W4A16 or readable dense weights) run every layer in
+one call; the modules below are its reference and run everything else."""
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
+from fp4serve.kernels import cpu_decode
 from fp4serve.layers.activation import silu_and_mul
 from fp4serve.layers.attention import PagedAttention
-from fp4serve.layers.linear import Linear
+from fp4serve.layers.linear import Linear, PlainLinearMethod
+from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
 from fp4serve.layers.norm import RMSNorm
 from fp4serve.layers.rotary import RotaryEmbedding
 from fp4serve.models.base import CausalLM
 from fp4serve.models.weights import LoadPlan
+
+log = logging.getLogger(__name__)
+
+# Rows up to which a fused decode step beats the per-layer path (benchmarks/cpu_vs_llama_cpp.py):
+# NVFP4 rows share the C GEMV either way; dense fp32/bf16 rows lose to oneDNN's GEMM beyond a few.
+FUSED_MAX_ROWS = {"nvfp4": 32, "dense": 4}
 
 FUSED = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
          ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]  # fmt: skip
@@ -97,9 +112,96 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(x, batch)
+        fused = self.fused_decoder(batch)
+        if fused is not None:
+            cos, sin = self.layers[0].self_attn.rotary.cos_sin(batch.positions, torch.float32)
+            x = fused(x, batch.slot_mapping, batch.block_tables, batch.context_lens, cos, sin).to(x.dtype)
+        else:
+            for layer in self.layers:
+                x = layer(x, batch)
         return self.norm(x)
+
+    def fused_decoder(self, batch: ForwardBatch) -> cpu_decode.FusedDecoder | None:
+        """The fused C step for this batch, or None (the per-layer path runs). Built on the first
+        decode step, once the engine has bound the caches, and again if they are rebound."""
+        if not batch.decode_only or batch.input_ids.device.type != "cpu":
+            return None
+        plan = getattr(self, "_fused", None)
+        if plan is None:
+            plan = self._fused = FusedPlan.build(self)
+        if plan.decoder is None or batch.num_seqs > plan.max_rows:
+            return None
+        if plan.decoder.cache_pointers != tuple(t.data_ptr() for l in self.layers for t in (l.self_attn.attn.k_cache, l.self_attn.attn.v_cache)):
+            plan = self._fused = FusedPlan.build(self)
+        return plan.decoder
+
+
+def _weight_tensors(linear: Linear) -> tuple[cpu_decode.WeightTensors | None, str]:
+    """(tensors, 'nvfp4' or 'dense') of a Linear the fused step reads, or (None, why not)."""
+    method = linear.method
+    if isinstance(method, NVFP4LinearMethod):
+        if method.compute != "w4a16" or method.pre_quant_scale or len(linear.activation_groups) > 1:
+            return None, f"{linear.prefix}: NVFP4 with activation transforms"
+        w = cpu_decode.WeightTensors(packed=linear.weight_packed, block_scales=linear.weight_scale,
+                                     row_global=linear.row_global, bias=linear.bias)  # fmt: skip
+        return w, "nvfp4"
+    if type(method) is PlainLinearMethod:
+        w = cpu_decode.WeightTensors(dense=linear.weight.detach(), bias=linear.bias)
+        return (w, "dense") if cpu_decode.supported_weight(w) else (None, f"{linear.prefix}: {linear.weight.dtype} weight")
+    return None, f"{linear.prefix}: {type(method).__name__} weights"
+
+
+class FusedPlan:
+    """Whether decode steps run fused, and the decoder when they do."""
+
+    def __init__(self, decoder: cpu_decode.FusedDecoder | None, max_rows: int):
+        self.decoder, self.max_rows = decoder, max_rows
+
+    @classmethod
+    def build(cls, model: "LlamaModel") -> "FusedPlan":
+        reason = cls._unsupported(model)
+        if reason is None:
+            layers, kinds = [], set()
+            for layer in model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                parts = [_weight_tensors(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+                missing = next((why for w, why in parts if w is None), None)
+                if missing:
+                    reason = missing
+                    break
+                kinds.update(kind for _, kind in parts)
+                layers.append(cpu_decode.LayerTensors(
+                    *(w for w, _ in parts), layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                    attn.attn.k_cache, attn.attn.v_cache,
+                ))  # fmt: skip
+        if reason is not None:
+            log.info("decode steps run layer by layer in torch (%s)", reason)
+            return cls(None, 0)
+        first = model.layers[0]
+        attn = first.self_attn
+        decoder = cpu_decode.FusedDecoder(
+            layers, first.input_layernorm.weight.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim,
+            first.mlp.down_proj.in_features, attn.attn.k_cache.shape[1], first.input_layernorm.eps, attn.attn.scale,
+        )  # fmt: skip
+        max_rows = min(FUSED_MAX_ROWS[kind] for kind in kinds)
+        log.info("decode steps of up to %d sequences run fused in C (%s weights)", max_rows, "/".join(sorted(kinds)))
+        return cls(decoder, max_rows)
+
+    @staticmethod
+    def _unsupported(model: "LlamaModel") -> str | None:
+        if os.environ.get(cpu_decode.ENV_VAR, "fused") == "torch":
+            return f"{cpu_decode.ENV_VAR}=torch"
+        if cpu_decode.cpu_library() is None:
+            return "no C kernels"
+        for layer in model.layers:
+            attn = layer.self_attn
+            if attn.qk_norm or attn.attn.sliding_window is not None or attn.rotary.rotary_dim != attn.head_dim:
+                return "q/k norm, sliding window or partial rotary"
+            if attn.attn.k_cache is None or attn.attn.kv.format.quantized or attn.attn.k_cache.dtype not in (torch.float32, torch.bfloat16):
+                return "the KV cache format"
+            if attn.attn.calibrate_kv_scales or attn.attn.k_cache.device.type != "cpu":
+                return "KV scale calibration or a non-CPU cache"
+        return None
 
 
 class LlamaForCausalLM(CausalLM):

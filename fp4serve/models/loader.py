@@ -8,10 +8,11 @@ import time
 import torch
 
 from fp4serve.config import ModelInfo
-from fp4serve.formats.checkpoint import QuantConfig
+from fp4serve.formats.checkpoint import ON_THE_FLY, QuantConfig
 from fp4serve.formats.safetensors_io import iter_tensors
 from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.linear import Linear, PlainLinearMethod, linear_methods
+from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
 from fp4serve.models.quantization import LinearMethodChooser
 from fp4serve.models.registry import model_class
 
@@ -19,9 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def load_model(
-    info: ModelInfo, dtype: torch.dtype, device: torch.device, quant: QuantConfig | None = None, nvfp4_compute: str = "w4a16"
-):
-    """quant: the resolved quantization (the checkpoint's, or on-the-fly nvfp4); None: plain weights."""
+    info: ModelInfo, dtype: torch.dtype, device: torch.device, quant: QuantConfig | None = None, nvfp4_compute: str = "w4a16",
+    nvfp4_lm_head: bool = False,
+):  # fmt: skip
+    """quant: the resolved quantization (the checkpoint's, or on-the-fly nvfp4); None: plain weights.
+    nvfp4_lm_head: quantize a 16-bit lm_head to NVFP4 W4A16 after loading (see quantize_lm_head)."""
     cls = model_class(info.architectures)
     start = time.perf_counter()
     chooser = LinearMethodChooser(quant, cls.stacked_params, cls.checkpoint_renames, nvfp4_compute) if quant else None
@@ -38,7 +41,9 @@ def load_model(
         chooser.report()
     model.load_weights(iter_tensors(info.path))
     model.eval()
-    if quant:
+    if nvfp4_lm_head:
+        quantize_lm_head(model, dtype)
+    if quant or nvfp4_lm_head:
         log_weight_bytes(model, dtype)
     params = sum(p.numel() for p in model.parameters()) + sum(
         m.out_features * m.in_features for m in model.modules() if isinstance(m, Linear) and hasattr(m, "weight_packed")
@@ -50,6 +55,28 @@ def load_model(
         info.path.name, cls.__name__, params / 1e6, str(dtype).removeprefix("torch."), time.perf_counter() - start,
     )  # fmt: skip
     return model
+
+
+def quantize_lm_head(model, dtype: torch.dtype) -> None:
+    """The output projection in NVFP4 (one global scale, W4A16), from its 16-bit weight (for a
+    tied head, the embedding table, which stays as it is for the lookups). In a 4-bit model the
+    16-bit head is the largest single read of a decode step: SmolLM2-135M's 28M-parameter head is
+    57 MB in bf16 against 57 MB for all other Linears in NVFP4 (docs/benchmarks.md has its cost
+    in KL and top-1)."""
+    head = model.lm_head
+    if type(head.method) is not PlainLinearMethod:
+        log.info("--nvfp4-lm-head: the lm_head is already %s; left as it is", type(head.method).__name__)
+        return
+    weight = head.weight.detach()
+    quantized = Linear(head.in_features, head.out_features, head.bias is not None, dtype,
+                       method=NVFP4LinearMethod(ON_THE_FLY, "w4a16"), prefix=head.prefix, device=weight.device)  # fmt: skip
+    quantized.load("weight", weight)
+    if head.bias is not None:
+        quantized.load("bias", head.bias.detach())
+    quantized.method.process_weights_after_loading(quantized)
+    model.lm_head = quantized
+    log.info("lm_head quantized to NVFP4 (--nvfp4-lm-head): %.1f MiB instead of %.1f MiB",
+             quantized.method.weight_bytes(quantized) / 2**20, weight.numel() * weight.element_size() / 2**20)  # fmt: skip
 
 
 def log_weight_bytes(model, dtype: torch.dtype) -> None:

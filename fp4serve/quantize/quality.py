@@ -29,11 +29,13 @@ EVAL_TEXT = (
 )
 
 
-def load_for_eval(path: str | Path, dtype: torch.dtype, quantization: str | None = None, compute: str = "w4a16"):
+def load_for_eval(
+    path: str | Path, dtype: torch.dtype, quantization: str | None = None, compute: str = "w4a16", nvfp4_lm_head: bool = False
+):  # fmt: skip
     """A model with caches for one sequence of up to 4096 tokens (None quantization: as the files say)."""
     info = ModelInfo.load(path)
     quant = resolve_quantization(quantization, info.quant, path)
-    model = load_model(info, dtype, torch.device("cpu"), quant, compute)
+    model = load_model(info, dtype, torch.device("cpu"), quant, compute, nvfp4_lm_head)
     allocate_caches(model.cache_layers(), 1, 4096 * 1024 * 64, BLOCK_SIZE, dtype, torch.device("cpu"))
     return model
 

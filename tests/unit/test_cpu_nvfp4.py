@@ -15,7 +15,7 @@ import torch
 
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.nvfp4 import NVFP4Tensor, dequantize_nvfp4, quantize_nvfp4
-from fp4serve.kernels import cpu_nvfp4
+from fp4serve.kernels import cpu_build, cpu_nvfp4
 from fp4serve.kernels.cpu_features import cpu_features
 from fp4serve.kernels.cpu_nvfp4 import nvfp4_linear, nvfp4_linear_w4a4
 
@@ -59,7 +59,7 @@ def path(request, monkeypatch):
     if request.param == "kernel" and not cpu_nvfp4.kernel_available():
         pytest.skip("no C compiler for the NVFP4 CPU kernel")
     if request.param == "torch":
-        monkeypatch.setattr(cpu_nvfp4._Kernel, "get", classmethod(lambda cls: None))
+        monkeypatch.setattr(cpu_nvfp4, "kernel", lambda: None)
     return request.param
 
 
@@ -121,7 +121,7 @@ def test_tiles_are_the_reference_weights(path, dtype):
     if path == "torch":
         got = cpu_nvfp4._dequantize_rows_torch(w.packed, w.block_scale, w.global_scale, dtype)
     else:
-        got = cpu_nvfp4._dequantize_rows_c(cpu_nvfp4._Kernel.get(), w.packed, w.block_scale, w.global_scale, dtype)
+        got = cpu_nvfp4._dequantize_rows_c(cpu_nvfp4.kernel(), w.packed, w.block_scale, w.global_scale, dtype)
     assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))  # bit for bit
 
 
@@ -141,11 +141,11 @@ def decoded_weights(lib, w: NVFP4Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_path_uses_the_reference_weights(dtype):
     w = random_weight(45, 592, seed=7)  # 9 groups of 64 and a block of 16; 37 block scales
-    got = decoded_weights(cpu_nvfp4._Kernel.get(), w, dtype)
+    got = decoded_weights(cpu_nvfp4.kernel(), w, dtype)
     assert torch.equal(got.to(dtype), dequantize_nvfp4(w, dtype)) and torch.equal(got, got.to(dtype).float())
 
 
-LOWER_LEVELS = [level for level in cpu_nvfp4.LEVEL_CFLAGS if level != cpu_features().c_kernel_level]
+LOWER_LEVELS = [level for level in cpu_build.LEVEL_CFLAGS if level != cpu_features().c_kernel_level]
 
 
 @pytest.fixture(scope="module", params=LOWER_LEVELS)
@@ -157,7 +157,7 @@ def other_build(request, tmp_path_factory):
         pytest.skip("no C compiler")
     if level != "scalar" and not cpu_features().at_least(level):
         pytest.skip(f"this CPU cannot run the {level} build ({cpu_features().describe()})")
-    lib = cpu_nvfp4.build_kernel(cpu_nvfp4.kernel_cflags(level), cache=tmp_path_factory.mktemp("kernel"))
+    lib = cpu_nvfp4.nvfp4_library(cpu_build.build_library(cpu_build.kernel_cflags(level), cache=tmp_path_factory.mktemp("kernel")))
     assert lib.isa == level
     return lib
 
@@ -183,7 +183,7 @@ def test_kernel_follows_the_cpu_level():
     """The build loaded is the one of this process's CPU level (FP4SERVE_CPU_ISA lowers it)."""
     if not cpu_nvfp4.kernel_available():
         pytest.skip("no C compiler")
-    assert cpu_nvfp4._Kernel.get().isa == cpu_features().c_kernel_level
+    assert cpu_nvfp4.kernel().isa == cpu_features().c_kernel_level
 
 
 def test_empty_batch(path):

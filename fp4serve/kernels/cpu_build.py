@@ -1,0 +1,70 @@
+"""Builds fp4serve's C kernels (cpu_nvfp4.c, cpu_decode.c) into one library per CPU level.
+
+Compiled on first use with the system C compiler and cached under $FP4SERVE_CACHE/kernels, with
+explicit instruction-set flags rather than -march=native: a library then runs on every CPU of its
+level, and the levels below a machine's own are built and tested on it (cpu_features.py says which
+level this CPU runs; FP4SERVE_CPU_ISA lowers it)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from fp4serve.kernels.cpu_features import cpu_features
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("cpu_nvfp4.c", "cpu_decode.c")  # cpu_decode.c includes cpu_nvfp4.c: compile it alone
+MAIN_SOURCE = "cpu_decode.c"
+BASE_CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+_AVX512 = _AVX2 + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+LEVEL_CFLAGS = {"scalar": (), "avx2": _AVX2, "avx512": _AVX512, "avx512_bf16": _AVX512 + ("-mavx512bf16",)}
+
+
+def kernel_cflags(level: str) -> tuple[str, ...]:
+    return BASE_CFLAGS + LEVEL_CFLAGS[level]
+
+
+def build_library(cflags: tuple[str, ...], cache: Path | None = None) -> ctypes.CDLL:
+    """Compile the kernels (once per sources, compiler and flags; cached) and load them."""
+    from fp4serve.default_model import cache_dir
+
+    sources = {name: (Path(__file__).parent / name).read_text() for name in SOURCES}
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join((*sources.values(), compiler, *cflags)).encode()).hexdigest()[:16]
+    directory = (cache or cache_dir()) / "kernels"
+    library = directory / f"fp4serve_cpu_{key}.so"
+    if not library.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            for name, text in sources.items():
+                (Path(tmp) / name).write_text(text)
+            built = Path(tmp) / library.name
+            command = [compiler, *cflags, str(Path(tmp) / MAIN_SOURCE), "-o", str(built), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                raise OSError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+            os.replace(built, library)  # atomic: a concurrent process sees the old state or the whole file
+        log.info("compiled the CPU kernels: %s", library)
+    lib = ctypes.CDLL(str(library))
+    lib.nvfp4_kernel_isa.restype = ctypes.c_char_p
+    lib.bf16_dot = bool(lib.nvfp4_bf16_dot())
+    lib.isa = lib.nvfp4_kernel_isa().decode() + ("_bf16" if lib.bf16_dot else "")
+    return lib
+
+
+@functools.cache
+def cpu_library() -> ctypes.CDLL | None:
+    """The library for this CPU's level, built once per process; None without a working C
+    compiler (then every caller runs its torch path)."""
+    try:
+        return build_library(kernel_cflags(cpu_features().c_kernel_level))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("CPU kernels unavailable (%s); using the slower torch paths", e)
+        return None

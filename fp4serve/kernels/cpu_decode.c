@@ -1,0 +1,293 @@
+/* One decode step of a Llama-family decoder stack in one call: for B sequences with one new token
+   each, every layer's RMSNorm, q/k/v projection, rotary embedding, KV write into the paged cache,
+   attention over the cached context, output projection, RMSNorm, gate/up projection, SwiGLU and
+   down projection, with the residual stream in fp32. One OpenMP region for the whole step: the
+   threads split each stage and meet at a barrier, instead of ~40 torch calls per layer.
+   Weights are read as stored (NVFP4 codes, bf16 or fp32); activations are fp32 throughout, so the
+   result is the reference's math without its 16-bit roundings (cpu_decode.py, tests). */
+#include "cpu_nvfp4.c"
+
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { WEIGHT_FP32 = 0, WEIGHT_BF16 = 1, WEIGHT_NVFP4 = 2 };
+
+typedef struct {
+    int64_t kind, n, k;  /* y[m, n] = sum_k x[m, k] w[n, k] */
+    const void *weight;  /* fp32 / bf16 [n, k], or packed E2M1 codes [n, k / 2] */
+    const uint8_t *block_scales;  /* NVFP4: e4m3 [n, k / 16] */
+    const float *global_scales;  /* NVFP4: one, or one per row (global_stride 1) */
+    int64_t global_stride;
+    const float *bias;  /* fp32 [n] or NULL */
+} Weight;
+
+typedef struct {
+    Weight qkv, o, gate_up, down;
+    const float *input_norm, *post_norm;  /* fp32 [hidden] */
+    void *k_cache, *v_cache;  /* [blocks, block_size, kv_heads, head_dim], bf16 or fp32 */
+} Layer;
+
+typedef struct {
+    int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, block_size, cache_bf16;
+    float eps, scale;
+    const float *e4m3_table;  /* float8_e4m3fn byte -> fp32 */
+} Model;
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* sum_i x[i] w[i], w in bf16 (bf16_weights) or fp32; the SIMD width of the build. */
+static float dot(const float *x, const void *w, int64_t n, int bf16_weights) {
+    int64_t i = 0;
+    float sum = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    if (bf16_weights) {
+        const uint16_t *wb = (const uint16_t *)w;
+        for (; i + 32 <= n; i += 32) {
+            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wb + i))), 16));
+            __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wb + i + 16))), 16));
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
+        }
+    } else {
+        const float *wf = (const float *)w;
+        for (; i + 32 <= n; i += 32) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wf + i), _mm512_loadu_ps(x + i), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wf + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        }
+    }
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif AVX2_PATH
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    if (bf16_weights) {
+        const uint16_t *wb = (const uint16_t *)w;
+        for (; i + 16 <= n; i += 16) {
+            __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + i))), 16));
+            __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + i + 8))), 16));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), a1);
+        }
+    } else {
+        const float *wf = (const float *)w;
+        for (; i + 16 <= n; i += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i), _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        }
+    }
+    __m256 s8 = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    if (bf16_weights)
+        for (; i < n; i++) sum += x[i] * bf16_to_float(((const uint16_t *)w)[i]);
+    else
+        for (; i < n; i++) sum += x[i] * ((const float *)w)[i];
+    return sum;
+}
+
+/* One output row of a dense weight against M rows of x (element order). */
+static void dense_rows(const Weight *w, int64_t n, const float *x, int64_t M, float *out) {
+    const int bf16 = w->kind == WEIGHT_BF16;
+    const char *row = (const char *)w->weight + n * w->k * (bf16 ? 2 : 4);
+    for (int64_t m = 0; m < M; m++) out[m] = dot(x + m * w->k, row, w->k, bf16);
+}
+
+/* Output row n of w against M rows of x: xo is x in the NVFP4 kernel's order (nvfp4_x_order),
+   x in element order; scales is scratch for K / 16 floats. */
+static void weight_row(const Model *model, const Weight *w, int64_t n, const float *x, const float *xo, int64_t M,
+                       float *scales, float *out) {
+    if (w->kind != WEIGHT_NVFP4) {
+        dense_rows(w, n, x, M, out);
+    } else {
+        const int64_t K = w->k;
+        row_scales(w->block_scales + n * (K / 16), K / 16, model->e4m3_table, w->global_scales[n * w->global_stride], scales);
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            int mt = M - m0 < 8 ? (int)(M - m0) : 8;
+            ROW_DOT[mt]((const uint8_t *)w->weight + n * (K / 2), scales, xo + m0 * K, 0, K, out + m0, 0);
+        }
+    }
+    if (w->bias)
+        for (int64_t m = 0; m < M; m++) out[m] += w->bias[n];
+}
+
+/* y[m, n] (+)= x @ w^T over this thread's share of n; x [M, w->k]. accumulate: y += instead of =. */
+static void project(const Model *model, const Weight *w, const float *x, const float *xo, int64_t M, float *y,
+                    int accumulate, float *scales) {
+    float out[64];
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < w->n; n++) {
+        weight_row(model, w, n, x, xo, M, scales, out);
+        for (int64_t m = 0; m < M; m++) y[m * w->n + n] = accumulate ? y[m * w->n + n] + out[m] : out[m];
+    }
+}
+
+/* x for the NVFP4 rows (in place of the malloc'd copies nvfp4_gemv makes), by the threads. */
+static void order_for(const Weight *w, const float *x, float *xo, int64_t M) {
+    if (w->kind != WEIGHT_NVFP4) return;
+    #pragma omp single
+    {
+        const int64_t K = w->k;
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = x + m * K;
+            float *dst = xo + m * K;
+#if GROUPED
+            int64_t k = 0;
+            for (; k + 64 <= K; k += 64)
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 16; j++) dst[k + 16 * i + j] = row[k + 4 * j + i];
+            memcpy(dst + k, row + k, (K - k) * sizeof(float));
+#elif AVX2_PATH
+            for (int64_t i = 0; i < K; i += 16)
+                for (int j = 0; j < 8; j++) {
+                    dst[i + j] = row[i + 2 * j];
+                    dst[i + 8 + j] = row[i + 2 * j + 1];
+                }
+#else
+            memcpy(dst, row, K * sizeof(float));
+#endif
+        }
+    }
+}
+
+static void rms_norm_rows(const float *x, const float *weight, float *out, int64_t M, int64_t H, float eps) {
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < H; i++) sum += (double)x[m * H + i] * x[m * H + i];
+        float inv = 1.0f / sqrtf((float)(sum / H) + eps);
+        for (int64_t i = 0; i < H; i++) out[m * H + i] = x[m * H + i] * inv * weight[i];
+    }
+}
+
+static inline uint16_t to_bf16(float v) { return (uint16_t)bf16_bits(v); }
+
+/* Rotary embedding (rotate-half) of q and k heads of each row, then K/V stored at the row's slot. */
+static void rope_and_store(const Model *md, const Layer *L, float *qkv, int64_t M, const int64_t *slots,
+                           const float *cos, const float *sin) {
+    const int64_t D = md->head_dim, half = D / 2, Hq = md->heads, Hk = md->kv_heads;
+    const int64_t width = (Hq + 2 * Hk) * D;
+    #pragma omp for schedule(static)
+    for (int64_t job = 0; job < M * (Hq + Hk); job++) {
+        int64_t m = job / (Hq + Hk), head = job % (Hq + Hk);
+        float *v = qkv + m * width + head * D;
+        const float *c = cos + m * D, *s = sin + m * D;
+        for (int64_t i = 0; i < half; i++) {
+            float x1 = v[i], x2 = v[i + half];
+            v[i] = x1 * c[i] - x2 * s[i];
+            v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+        if (head >= Hq) { /* a K head: store it with its V head */
+            int64_t kv = head - Hq, base = (slots[m] * Hk + kv) * D;
+            const float *vv = qkv + m * width + (Hq + Hk + kv) * D;
+            for (int64_t i = 0; i < D; i++) {
+                if (md->cache_bf16) {
+                    ((uint16_t *)L->k_cache)[base + i] = to_bf16(v[i]);
+                    ((uint16_t *)L->v_cache)[base + i] = to_bf16(vv[i]);
+                } else {
+                    ((float *)L->k_cache)[base + i] = v[i];
+                    ((float *)L->v_cache)[base + i] = vv[i];
+                }
+            }
+        }
+    }
+}
+
+/* Softmax attention of each query head over its sequence's cached context. scores: this thread's
+   scratch of max context floats. */
+static void attend(const Model *md, const Layer *L, const float *qkv, int64_t M, const int64_t *block_tables,
+                   int64_t table_width, const int64_t *context_lens, float *out, float *scores) {
+    const int64_t D = md->head_dim, Hq = md->heads, Hk = md->kv_heads, group = Hq / Hk, bs = md->block_size;
+    const int64_t width = (Hq + 2 * Hk) * D;
+    const int bf16 = (int)md->cache_bf16;
+    #pragma omp for schedule(static)
+    for (int64_t job = 0; job < M * Hq; job++) {
+        int64_t m = job / Hq, h = job % Hq, kv = h / group, ctx = context_lens[m];
+        const float *q = qkv + m * width + h * D;
+        const int64_t *table = block_tables + m * table_width;
+        float best = -INFINITY;
+        for (int64_t t = 0; t < ctx; t++) {
+            int64_t base = ((table[t / bs] * bs + t % bs) * Hk + kv) * D;
+            const char *k = (const char *)L->k_cache + base * (bf16 ? 2 : 4);
+            scores[t] = dot(q, k, D, bf16) * md->scale;
+            if (scores[t] > best) best = scores[t];
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < ctx; t++) total += (scores[t] = expf(scores[t] - best));
+        float *o = out + m * Hq * D + h * D;
+        for (int64_t i = 0; i < D; i++) o[i] = 0.f;
+        for (int64_t t = 0; t < ctx; t++) {
+            int64_t base = ((table[t / bs] * bs + t % bs) * Hk + kv) * D;
+            float p = scores[t] / total;
+            if (bf16) {
+                const uint16_t *v = (const uint16_t *)L->v_cache + base;
+                for (int64_t i = 0; i < D; i++) o[i] += p * bf16_to_float(v[i]);
+            } else {
+                const float *v = (const float *)L->v_cache + base;
+                for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
+            }
+        }
+    }
+}
+
+/* x [M, hidden] fp32, updated in place through every layer. scratch: fp32, at least
+   decode_scratch_floats(model, M, max_context, threads). Returns 0. */
+int64_t decode_scratch_floats(const Model *md, int64_t M, int64_t max_context, int64_t threads) {
+    int64_t qkv = (md->heads + 2 * md->kv_heads) * md->head_dim, wide = md->intermediate > qkv ? md->intermediate : qkv;
+    int64_t widest = wide > md->hidden ? wide : md->hidden;
+    if (md->heads * md->head_dim > widest) widest = md->heads * md->head_dim;
+    int64_t per_thread = max_context + widest / 16 + 16;
+    return M * (md->hidden + qkv + md->heads * md->head_dim + 2 * md->intermediate + widest) + threads * per_thread;
+}
+
+int llama_decode(const Model *md, const Layer *layers, float *x, int64_t M, const int64_t *slots,
+                 const int64_t *block_tables, int64_t table_width, const int64_t *context_lens, const float *cos,
+                 const float *sin, float *scratch, int64_t max_context, int threads) {
+    const int64_t H = md->hidden, I = md->intermediate, qkv_width = (md->heads + 2 * md->kv_heads) * md->head_dim;
+    const int64_t attn_width = md->heads * md->head_dim;
+    int64_t qw = (md->heads + 2 * md->kv_heads) * md->head_dim, wide = I > qw ? I : qw;
+    int64_t widest = wide > H ? wide : H;
+    if (attn_width > widest) widest = attn_width;
+    float *h = scratch, *qkv = h + M * H, *attn = qkv + M * qkv_width, *act = attn + M * attn_width;
+    float *ordered = act + 2 * M * I, *per_thread = ordered + M * widest;
+    const int64_t per_thread_floats = max_context + widest / 16 + 16;
+    #pragma omp parallel num_threads(threads)
+    {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        float *scores = per_thread + me * per_thread_floats, *row_scale = scores + max_context;
+        float out[64];
+        for (int64_t l = 0; l < md->num_layers; l++) {
+            const Layer *L = layers + l;
+            rms_norm_rows(x, L->input_norm, h, M, H, md->eps);
+            order_for(&L->qkv, h, ordered, M);
+            project(md, &L->qkv, h, ordered, M, qkv, 0, row_scale);
+            rope_and_store(md, L, qkv, M, slots, cos, sin);
+            attend(md, L, qkv, M, block_tables, table_width, context_lens, attn, scores);
+            order_for(&L->o, attn, ordered, M);
+            project(md, &L->o, attn, ordered, M, x, 1, row_scale);
+            rms_norm_rows(x, L->post_norm, h, M, H, md->eps);
+            order_for(&L->gate_up, h, ordered, M);
+            /* gate row i and up row I + i together, so SwiGLU happens here */
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < I; i++) {
+                float up[64];
+                weight_row(md, &L->gate_up, i, h, ordered, M, row_scale, out);
+                weight_row(md, &L->gate_up, I + i, h, ordered, M, row_scale, up);
+                for (int64_t m = 0; m < M; m++) act[m * I + i] = out[m] / (1.f + expf(-out[m])) * up[m];
+            }
+            order_for(&L->down, act, ordered, M);
+            project(md, &L->down, act, ordered, M, x, 1, row_scale);
+        }
+    }
+    return 0;
+}
