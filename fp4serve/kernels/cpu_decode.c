@@ -200,41 +200,73 @@ static void rope_and_store(const Model *md, const Layer *L, float *qkv, int64_t 
     }
 }
 
-/* Softmax attention of each query head over its sequence's cached context. scores: this thread's
-   scratch of max context floats. */
-static void attend(const Model *md, const Layer *L, const float *qkv, int64_t M, const int64_t *block_tables,
-                   int64_t table_width, const int64_t *context_lens, float *out, float *scores) {
-    const int64_t D = md->head_dim, Hq = md->heads, Hk = md->kv_heads, group = Hq / Hk, bs = md->block_size;
-    const int64_t width = (Hq + 2 * Hk) * D;
-    const int bf16 = (int)md->cache_bf16;
-    #pragma omp for schedule(static)
-    for (int64_t job = 0; job < M * Hq; job++) {
-        int64_t m = job / Hq, h = job % Hq, kv = h / group, ctx = context_lens[m];
-        const float *q = qkv + m * width + h * D;
-        const int64_t *table = block_tables + m * table_width;
-        float best = -INFINITY;
-        for (int64_t t = 0; t < ctx; t++) {
-            int64_t base = ((table[t / bs] * bs + t % bs) * Hk + kv) * D;
-            const char *k = (const char *)L->k_cache + base * (bf16 ? 2 : 4);
-            scores[t] = dot(q, k, D, bf16) * md->scale;
-            if (scores[t] > best) best = scores[t];
-        }
-        float total = 0.f;
-        for (int64_t t = 0; t < ctx; t++) total += (scores[t] = expf(scores[t] - best));
-        float *o = out + m * Hq * D + h * D;
-        for (int64_t i = 0; i < D; i++) o[i] = 0.f;
-        for (int64_t t = 0; t < ctx; t++) {
-            int64_t base = ((table[t / bs] * bs + t % bs) * Hk + kv) * D;
-            float p = scores[t] / total;
-            if (bf16) {
-                const uint16_t *v = (const uint16_t *)L->v_cache + base;
-                for (int64_t i = 0; i < D; i++) o[i] += p * bf16_to_float(v[i]);
-            } else {
-                const float *v = (const float *)L->v_cache + base;
-                for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
-            }
+/* Softmax attention of one query head q [D] over cached positions [start, ctx) of one sequence:
+   its block table, KV head kv of caches [blocks, bs, Hk, D] (bf16 or fp32). scores: scratch of
+   ctx floats. Scores, softmax and the weighted sum in fp32. */
+static void attend_one(const float *q, const void *k_cache, const void *v_cache, int bf16, const int64_t *table,
+                       int64_t start, int64_t ctx, int64_t Hk, int64_t kv, int64_t D, int64_t bs, float scale,
+                       float *out, float *scores) {
+    const int64_t elem = bf16 ? 2 : 4;
+    float best = -INFINITY;
+    for (int64_t t = start; t < ctx; t++) {
+        int64_t base = ((table[t / bs] * bs + t % bs) * Hk + kv) * D;
+        scores[t] = dot(q, (const char *)k_cache + base * elem, D, bf16) * scale;
+        if (scores[t] > best) best = scores[t];
+    }
+    float total = 0.f;
+    for (int64_t t = start; t < ctx; t++) total += (scores[t] = expf(scores[t] - best));
+    for (int64_t i = 0; i < D; i++) out[i] = 0.f;
+    for (int64_t t = start; t < ctx; t++) {
+        int64_t base = ((table[t / bs] * bs + t % bs) * Hk + kv) * D;
+        float p = scores[t] / total;
+        if (bf16) {
+            const uint16_t *v = (const uint16_t *)v_cache + base;
+            for (int64_t i = 0; i < D; i++) out[i] += p * bf16_to_float(v[i]);
+        } else {
+            const float *v = (const float *)v_cache + base;
+            for (int64_t i = 0; i < D; i++) out[i] += p * v[i];
         }
     }
+}
+
+/* Every query head of the step's rows over its sequence's cached context (inside the region). */
+static void attend(const Model *md, const Layer *L, const float *qkv, int64_t M, const int64_t *block_tables,
+                   int64_t table_width, const int64_t *context_lens, float *out, float *scores) {
+    const int64_t D = md->head_dim, Hq = md->heads, Hk = md->kv_heads, group = Hq / Hk;
+    const int64_t width = (Hq + 2 * Hk) * D;
+    #pragma omp for schedule(static)
+    for (int64_t job = 0; job < M * Hq; job++) {
+        int64_t m = job / Hq, h = job % Hq;
+        attend_one(qkv + m * width + h * D, L->k_cache, L->v_cache, (int)md->cache_bf16, block_tables + m * table_width,
+                   0, context_lens[m], Hk, h / group, D, md->block_size, md->scale, out + m * Hq * D + h * D, scores);
+    }
+}
+
+/* Decode attention for the per-layer path: q [B, Hq, D] fp32, one query per sequence at its last
+   context position, reading the paged cache in place (no gather). window > 0: only the last
+   `window` positions (sliding-window layers). out [B, Hq, D] fp32. Returns -1 when out of memory. */
+int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, int cache_bf16,
+                           const int64_t *block_tables, int64_t table_width, const int64_t *context_lens, int64_t B,
+                           int64_t Hq, int64_t Hk, int64_t D, int64_t bs, float scale, int64_t window, float *out,
+                           int threads) {
+    int64_t max_ctx = 0;
+    for (int64_t b = 0; b < B; b++) max_ctx = context_lens[b] > max_ctx ? context_lens[b] : max_ctx;
+    float *scratch = malloc((size_t)threads * (max_ctx + 1) * sizeof(float));
+    if (!scratch) return -1;
+    const int64_t group = Hq / Hk;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t job = 0; job < B * Hq; job++) {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        int64_t b = job / Hq, h = job % Hq, ctx = context_lens[b];
+        int64_t start = window > 0 && ctx > window ? ctx - window : 0;
+        attend_one(q + job * D, k_cache, v_cache, cache_bf16, block_tables + b * table_width, start, ctx, Hk,
+                   h / group, D, bs, scale, out + job * D, scratch + me * (max_ctx + 1));
+    }
+    free(scratch);
+    return 0;
 }
 
 /* x [M, hidden] fp32, updated in place through every layer. scratch: fp32, at least

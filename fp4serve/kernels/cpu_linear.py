@@ -7,6 +7,7 @@ only with AVX-512 BW/VL/DQ or AVX-NE-CONVERT: elsewhere (AVX2) the plain method 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,18 +42,23 @@ class PackedCPULinearMethod(LinearMethod):
         return layer.packed_weight.numel() * layer.packed_weight.element_size()
 
 
-def pack_linear(layer: Linear) -> None:
+def pack_linear(layer: Linear, keep_plain: bool = False) -> None:
+    """keep_plain: keep the plain weight too, for code that reads it directly (the fused C decode
+    step of models/llama.py), at the cost of a second copy."""
     layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH_HINT)
-    # The unpacked weight may be shared (a tied lm_head is the embedding table): drop only our reference.
-    del layer.weight
+    if not keep_plain:
+        # The unpacked weight may be shared (a tied lm_head is the embedding table): drop only our reference.
+        del layer.weight
     layer.method = PackedCPULinearMethod()
 
 
-def pack_model_linears(model: nn.Module) -> int:
-    """Pack every plain bf16 Linear of a loaded model; returns how many were packed."""
-    count = 0
-    for module in model.modules():
+def pack_model_linears(model: nn.Module, keep_plain: Callable[[str], bool] = lambda name: False) -> tuple[int, int]:
+    """Pack every plain bf16 Linear of a loaded model; keep_plain(name) says which also keep their
+    plain weight. Returns (packed, kept plain)."""
+    packed = kept = 0
+    for name, module in model.named_modules():
         if isinstance(module, Linear) and type(module.method) is PlainLinearMethod:
-            pack_linear(module)
-            count += 1
-    return count
+            keep = keep_plain(name)
+            pack_linear(module, keep)
+            packed, kept = packed + 1, kept + keep
+    return packed, kept

@@ -7,9 +7,13 @@ one-token queries in bf16. fp8 and nvfp4 caches are decoded after the gather, so
 step reads are dequantized. Tested against layers.attention.paged_attention_ref."""
 from __future__ import annotations
 
+import ctypes
+import os
+
 import torch
 import torch.nn.functional as F
 
+from fp4serve.kernels.cpu_build import cpu_library
 from fp4serve.layers.kv_quant import KVQuant
 
 # Up to this many sequences torch's SDPA is fastest (its transposes are tiny); beyond, its CPU
@@ -41,6 +45,9 @@ def decode_attention(
     Hkv = k_cache.shape[2]
     group = H // Hkv
     kv = kv or KVQuant.plain(k_cache.dtype)
+    lib = _c_attention_library(q, k_cache, kv)
+    if lib is not None:
+        return _c_decode_attention(lib, q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
     blocks, bias = plan or gather_plan(block_tables, context_lens, k_cache.shape[1], sliding_window, q.dtype)
     max_ctx = bias.shape[-1]
     # index_select, not advanced indexing: the latter is much slower on CPU for this gather.
@@ -62,3 +69,37 @@ def decode_attention(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         torch.bmm(probs, v[:, :, h], out=out[h])
     return out.permute(1, 0, 2, 3).reshape(B, H, D)
+
+
+def _c_attention_library(q, k_cache, kv: KVQuant):
+    """The C kernels, where they read this cache in place: CPU, K/V stored plain in bf16 or fp32;
+    None otherwise, or with FP4SERVE_CPU_DECODE=torch."""
+    if q.device.type != "cpu" or kv.format.quantized or k_cache.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if os.environ.get("FP4SERVE_CPU_DECODE", "fused") == "torch":
+        return None
+    lib = cpu_library()
+    if lib is not None and not hasattr(lib, "attention_typed"):
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.paged_decode_attention.argtypes = [p, p, p, i32, p, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, i32]
+        lib.paged_decode_attention.restype = ctypes.c_int
+        lib.attention_typed = True
+    return lib
+
+
+def _c_decode_attention(lib, q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window):
+    """decode_attention in C: every (sequence, head) reads its blocks in place, no gather copy;
+    scores, softmax and the weighted sum in fp32 (the torch path rounds scores to q's dtype)."""
+    B, H, D = q.shape
+    qf = q.float().contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
+    status = lib.paged_decode_attention(
+        qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), tables.data_ptr(),
+        tables.shape[1], lens.data_ptr(), B, H, k_cache.shape[2], D, k_cache.shape[1], scale, sliding_window or 0,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("decode attention: no memory for the score buffers")
+    return out.to(q.dtype)

@@ -1,9 +1,10 @@
 """Llama-family decoders: LlamaForCausalLM (SmolLM2), Qwen2ForCausalLM (q/k/v bias),
 Qwen3ForCausalLM (per-head q/k RMSNorm). One pre-norm block: attention + SwiGLU MLP.
 
-On CPU, decode steps of layers the fused C step supports (kernels/cpu_decode.py: no q/k norm, no
-sliding window, a 16/32-bit KV cache, NVFP4 W4A16 or readable dense weights) run every layer in
-one call; the modules below are its reference and run everything else."""
+On CPU, steps of few tokens (decode, speculative verification) of layers the fused C step supports
+(kernels/cpu_decode.py: no q/k norm, no sliding window, a 16/32-bit KV cache, NVFP4 W4A16 or
+readable dense weights) run every layer in one call; the modules below are its reference and run
+everything else."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +15,7 @@ from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.kernels import cpu_decode
+from fp4serve.kernels.cpu_linear import PackedCPULinearMethod
 from fp4serve.layers.activation import silu_and_mul
 from fp4serve.layers.attention import PagedAttention
 from fp4serve.layers.linear import Linear, PlainLinearMethod
@@ -25,9 +27,10 @@ from fp4serve.models.weights import LoadPlan
 
 log = logging.getLogger(__name__)
 
-# Rows up to which a fused decode step beats the per-layer path (benchmarks/cpu_vs_llama_cpp.py):
-# NVFP4 rows share the C GEMV either way; dense fp32/bf16 rows lose to oneDNN's GEMM beyond a few.
-FUSED_MAX_ROWS = {"nvfp4": 32, "dense": 4}
+# Tokens per step up to which the fused step beats the per-layer path (measured on SmolLM2 bf16:
+# 21 vs 34 ms at 4 rows, 39 vs 36 at 8): NVFP4 rows share the C GEMV either way; dense fp32/bf16
+# rows lose to oneDNN's GEMM beyond a few.
+FUSED_MAX_ROWS = {"nvfp4": 32, "dense": 6}
 
 FUSED = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
          ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]  # fmt: skip
@@ -115,21 +118,27 @@ class LlamaModel(nn.Module):
         fused = self.fused_decoder(batch)
         if fused is not None:
             cos, sin = self.layers[0].self_attn.rotary.cos_sin(batch.positions, torch.float32)
-            x = fused(x, batch.slot_mapping, batch.block_tables, batch.context_lens, cos, sin).to(x.dtype)
+            if batch.decode_only:
+                tables, context = batch.block_tables, batch.context_lens
+            else:  # each row attends causally: to its sequence's context up to its own position
+                lens = torch.tensor(batch.query_lens, device=x.device)
+                tables, context = batch.block_tables.repeat_interleave(lens, dim=0), batch.positions + 1
+            x = fused(x, batch.slot_mapping, tables, context, cos, sin).to(x.dtype)
         else:
             for layer in self.layers:
                 x = layer(x, batch)
         return self.norm(x)
 
     def fused_decoder(self, batch: ForwardBatch) -> cpu_decode.FusedDecoder | None:
-        """The fused C step for this batch, or None (the per-layer path runs). Built on the first
-        decode step, once the engine has bound the caches, and again if they are rebound."""
-        if not batch.decode_only or batch.input_ids.device.type != "cpu":
+        """The fused C step for a batch of few tokens (decode, speculative verification, short
+        chunks), or None (the per-layer path runs). Built on the first such step, once the engine
+        has bound the caches, and again if they are rebound."""
+        if batch.num_tokens > FUSED_MAX_ROWS["nvfp4"] or batch.input_ids.device.type != "cpu":
             return None
         plan = getattr(self, "_fused", None)
         if plan is None:
             plan = self._fused = FusedPlan.build(self)
-        if plan.decoder is None or batch.num_seqs > plan.max_rows:
+        if plan.decoder is None or batch.num_tokens > plan.max_rows or any(l._forward_hooks for l in self.layers):
             return None
         if plan.decoder.cache_pointers != tuple(t.data_ptr() for l in self.layers for t in (l.self_attn.attn.k_cache, l.self_attn.attn.v_cache)):
             plan = self._fused = FusedPlan.build(self)
@@ -145,14 +154,14 @@ def _weight_tensors(linear: Linear) -> tuple[cpu_decode.WeightTensors | None, st
         w = cpu_decode.WeightTensors(packed=linear.weight_packed, block_scales=linear.weight_scale,
                                      row_global=linear.row_global, bias=linear.bias)  # fmt: skip
         return w, "nvfp4"
-    if type(method) is PlainLinearMethod:
+    if type(method) is PlainLinearMethod or (isinstance(method, PackedCPULinearMethod) and hasattr(linear, "weight")):
         w = cpu_decode.WeightTensors(dense=linear.weight.detach(), bias=linear.bias)
         return (w, "dense") if cpu_decode.supported_weight(w) else (None, f"{linear.prefix}: {linear.weight.dtype} weight")
     return None, f"{linear.prefix}: {type(method).__name__} weights"
 
 
 class FusedPlan:
-    """Whether decode steps run fused, and the decoder when they do."""
+    """Whether steps of few tokens run fused, and the decoder when they do."""
 
     def __init__(self, decoder: cpu_decode.FusedDecoder | None, max_rows: int):
         self.decoder, self.max_rows = decoder, max_rows
@@ -175,7 +184,7 @@ class FusedPlan:
                     attn.attn.k_cache, attn.attn.v_cache,
                 ))  # fmt: skip
         if reason is not None:
-            log.info("decode steps run layer by layer in torch (%s)", reason)
+            log.info("CPU steps run layer by layer in torch (fused C step off: %s)", reason)
             return cls(None, 0)
         first = model.layers[0]
         attn = first.self_attn
@@ -184,7 +193,7 @@ class FusedPlan:
             first.mlp.down_proj.in_features, attn.attn.k_cache.shape[1], first.input_layernorm.eps, attn.attn.scale,
         )  # fmt: skip
         max_rows = min(FUSED_MAX_ROWS[kind] for kind in kinds)
-        log.info("decode steps of up to %d sequences run fused in C (%s weights)", max_rows, "/".join(sorted(kinds)))
+        log.info("CPU steps of up to %d tokens run fused in C (%s weights)", max_rows, "/".join(sorted(kinds)))
         return cls(decoder, max_rows)
 
     @staticmethod
@@ -207,6 +216,7 @@ class FusedPlan:
 class LlamaForCausalLM(CausalLM):
     qk_norm = False
     stacked_params = FUSED
+    fused_cpu_decode = True  # the loader keeps plain weights beside oneDNN-packed ones for it
 
     def __init__(self, config, dtype: torch.dtype, **kwargs):
         super().__init__(config, dtype, **kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from fp4serve.config import ModelInfo
 from fp4serve.formats.checkpoint import ON_THE_FLY, QuantConfig
 from fp4serve.formats.safetensors_io import iter_tensors
+from fp4serve.kernels.cpu_decode import ENV_VAR as FUSED_DECODE_ENV
 from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.linear import Linear, PlainLinearMethod, linear_methods
 from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
@@ -49,7 +51,12 @@ def load_model(
         m.out_features * m.in_features for m in model.modules() if isinstance(m, Linear) and hasattr(m, "weight_packed")
     )  # NVFP4 weights are buffers of packed codes; count the weights they stand for
     if packing_available(dtype, device):
-        log.info("packed %d bf16 Linear weights for oneDNN", pack_model_linears(model))
+        # Models with a fused C decode step read the plain weights of their layers in small batches
+        # and the packed ones in large batches and prefill: both are kept (not for the lm_head,
+        # which stays in torch).
+        fused = getattr(model, "fused_cpu_decode", False) and os.environ.get(FUSED_DECODE_ENV, "fused") != "torch"
+        packed, kept = pack_model_linears(model, lambda name: fused and name != "lm_head")
+        log.info("packed %d bf16 Linear weights for oneDNN%s", packed, f"; kept the plain weights of {kept} for the fused decode step" if kept else "")
     log.info(
         "loaded %s (%s, %.1fM parameters, %s) in %.1f s",
         info.path.name, cls.__name__, params / 1e6, str(dtype).removeprefix("torch."), time.perf_counter() - start,

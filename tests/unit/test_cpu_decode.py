@@ -116,3 +116,22 @@ def test_every_c_build_gives_the_same_step(checkpoints, monkeypatch, level, tmp_
     llm, other = generate(checkpoints["qwen2-bias"], "fused", monkeypatch, 3, quantization="nvfp4")
     assert llm.engine.model.model._fused.decoder.lib is lib
     assert_same(other, reference, atol=2e-4)
+
+
+def test_speculative_verification_rows_run_fused(checkpoints, monkeypatch):
+    """n-gram verification steps (1 + k rows per sequence, each attending up to its own position)
+    fit in the fused step and give the tokens of the per-layer path."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    calls = []
+    original = cpu_decode.FusedDecoder.__call__
+    monkeypatch.setattr(cpu_decode.FusedDecoder, "__call__", lambda self, x, *a: calls.append(len(x)) or original(self, x, *a))
+    repetitive = [{"prompt_token_ids": [5, 6, 7, 8] * 6}]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for mode in ("fused", "torch"):
+        monkeypatch.setenv(cpu_decode.ENV_VAR, mode)
+        llm = LLM(str(checkpoints["qwen2-bias"]), dtype="float32", kv_cache_memory="4MiB", quantization="nvfp4",
+                  speculative_config=spec)  # fmt: skip
+        outs[mode] = llm.generate(repetitive, params)[0].outputs[0].token_ids
+    assert any(n > 1 for n in calls), calls  # steps with drafts ran fused
+    assert outs["fused"] == outs["torch"]
