@@ -31,6 +31,10 @@ typedef struct {
 
 typedef struct {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, block_size, cache_bf16;
+    /* 1: a bf16 model on a build with bf16 dot products: projections take their input rounded to
+       bf16 and NVFP4 weights rounded to bf16, as the per-layer bf16 path computes them, with
+       vdpbf16ps (32 products an instruction instead of 16 fp32 FMAs). */
+    int64_t bf16_activations;
     float eps, scale;
     const float *e4m3_table;  /* float8_e4m3fn byte -> fp32 */
 } Model;
@@ -93,25 +97,52 @@ static float dot(const float *x, const void *w, int64_t n, int bf16_weights) {
     return sum;
 }
 
-/* One output row of a dense weight against M rows of x (element order). */
-static void dense_rows(const Weight *w, int64_t n, const float *x, int64_t M, float *out) {
+#if BF16_DOT
+/* sum_i x[i] w[i], both bf16, fp32 accumulation. */
+static float dot_bf16(const uint16_t *x, const uint16_t *w, int64_t n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+    }
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; i < n; i++) sum += bf16_to_float(x[i]) * bf16_to_float(w[i]);
+    return sum;
+}
+#endif
+
+/* One output row of a dense weight against M rows of x (element order; xo: the same rows in
+   bf16 when the model computes with bf16 activations). */
+static void dense_rows(const Model *md, const Weight *w, int64_t n, const float *x, const void *xo, int64_t M,
+                       float *out) {
     const int bf16 = w->kind == WEIGHT_BF16;
     const char *row = (const char *)w->weight + n * w->k * (bf16 ? 2 : 4);
+#if BF16_DOT
+    if (bf16 && md->bf16_activations) {
+        for (int64_t m = 0; m < M; m++) out[m] = dot_bf16((const uint16_t *)xo + m * w->k, (const uint16_t *)row, w->k);
+        return;
+    }
+#else
+    (void)md, (void)xo;
+#endif
     for (int64_t m = 0; m < M; m++) out[m] = dot(x + m * w->k, row, w->k, bf16);
 }
 
-/* Output row n of w against M rows of x: xo is x in the NVFP4 kernel's order (nvfp4_x_order),
-   x in element order; scales is scratch for K / 16 floats. */
-static void weight_row(const Model *model, const Weight *w, int64_t n, const float *x, const float *xo, int64_t M,
+/* Output row n of w against M rows of x: xo is x as order_for wrote it for w (NVFP4 element
+   order, bf16 rounding), x in element order; scales is scratch for K / 16 floats. */
+static void weight_row(const Model *model, const Weight *w, int64_t n, const float *x, const void *xo, int64_t M,
                        float *scales, float *out) {
     if (w->kind != WEIGHT_NVFP4) {
-        dense_rows(w, n, x, M, out);
+        dense_rows(model, w, n, x, xo, M, out);
     } else {
         const int64_t K = w->k;
+        const int bf16 = (int)model->bf16_activations, elem = bf16 ? 2 : 4;
         row_scales(w->block_scales + n * (K / 16), K / 16, model->e4m3_table, w->global_scales[n * w->global_stride], scales);
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             int mt = M - m0 < 8 ? (int)(M - m0) : 8;
-            ROW_DOT[mt]((const uint8_t *)w->weight + n * (K / 2), scales, xo + m0 * K, 0, K, out + m0, 0);
+            ROW_DOT[mt]((const uint8_t *)w->weight + n * (K / 2), scales, (const char *)xo + m0 * K * elem, bf16, K,
+                        out + m0, bf16);
         }
     }
     if (w->bias)
@@ -119,7 +150,7 @@ static void weight_row(const Model *model, const Weight *w, int64_t n, const flo
 }
 
 /* y[m, n] (+)= x @ w^T over this thread's share of n; x [M, w->k]. accumulate: y += instead of =. */
-static void project(const Model *model, const Weight *w, const float *x, const float *xo, int64_t M, float *y,
+static void project(const Model *model, const Weight *w, const float *x, const void *xo, int64_t M, float *y,
                     int accumulate, float *scales) {
     float out[64];
     #pragma omp for schedule(static)
@@ -129,30 +160,39 @@ static void project(const Model *model, const Weight *w, const float *x, const f
     }
 }
 
-/* x for the NVFP4 rows (in place of the malloc'd copies nvfp4_gemv makes), by the threads. */
-static void order_for(const Weight *w, const float *x, float *xo, int64_t M) {
-    if (w->kind != WEIGHT_NVFP4) return;
+/* x as the weight's kernel reads it, into xo (in place of the malloc'd copies nvfp4_gemv makes):
+   NVFP4 rows take the kernel's element order, bf16 activations are rounded to bf16. */
+static void order_for(const Model *md, const Weight *w, const float *x, void *xo, int64_t M) {
+    const int bf16 = (int)md->bf16_activations;
+    if (w->kind != WEIGHT_NVFP4 && !(bf16 && w->kind == WEIGHT_BF16)) return;
     #pragma omp single
     {
         const int64_t K = w->k;
         for (int64_t m = 0; m < M; m++) {
             const float *row = x + m * K;
-            float *dst = xo + m * K;
+            float *dst = (float *)xo + m * K;
+            uint16_t *dst16 = (uint16_t *)xo + m * K;
+#define PUT(i, value) (bf16 ? (void)(dst16[i] = (uint16_t)bf16_bits(value)) : (void)(dst[i] = (value)))
+            if (w->kind != WEIGHT_NVFP4) {
+                for (int64_t k = 0; k < K; k++) PUT(k, row[k]);
+                continue;
+            }
 #if GROUPED
             int64_t k = 0;
             for (; k + 64 <= K; k += 64)
                 for (int i = 0; i < 4; i++)
-                    for (int j = 0; j < 16; j++) dst[k + 16 * i + j] = row[k + 4 * j + i];
-            memcpy(dst + k, row + k, (K - k) * sizeof(float));
+                    for (int j = 0; j < 16; j++) PUT(k + 16 * i + j, row[k + 4 * j + i]);
+            for (; k < K; k++) PUT(k, row[k]);
 #elif AVX2_PATH
             for (int64_t i = 0; i < K; i += 16)
                 for (int j = 0; j < 8; j++) {
-                    dst[i + j] = row[i + 2 * j];
-                    dst[i + 8 + j] = row[i + 2 * j + 1];
+                    PUT(i + j, row[i + 2 * j]);
+                    PUT(i + 8 + j, row[i + 2 * j + 1]);
                 }
 #else
-            memcpy(dst, row, K * sizeof(float));
+            for (int64_t k = 0; k < K; k++) PUT(k, row[k]);
 #endif
+#undef PUT
         }
     }
 }
@@ -301,14 +341,14 @@ int llama_decode(const Model *md, const Layer *layers, float *x, int64_t M, cons
         for (int64_t l = 0; l < md->num_layers; l++) {
             const Layer *L = layers + l;
             rms_norm_rows(x, L->input_norm, h, M, H, md->eps);
-            order_for(&L->qkv, h, ordered, M);
+            order_for(md, &L->qkv, h, ordered, M);
             project(md, &L->qkv, h, ordered, M, qkv, 0, row_scale);
             rope_and_store(md, L, qkv, M, slots, cos, sin);
             attend(md, L, qkv, M, block_tables, table_width, context_lens, attn, scores);
-            order_for(&L->o, attn, ordered, M);
+            order_for(md, &L->o, attn, ordered, M);
             project(md, &L->o, attn, ordered, M, x, 1, row_scale);
             rms_norm_rows(x, L->post_norm, h, M, H, md->eps);
-            order_for(&L->gate_up, h, ordered, M);
+            order_for(md, &L->gate_up, h, ordered, M);
             /* gate row i and up row I + i together, so SwiGLU happens here */
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < I; i++) {
@@ -317,7 +357,7 @@ int llama_decode(const Model *md, const Layer *layers, float *x, int64_t M, cons
                 weight_row(md, &L->gate_up, I + i, h, ordered, M, row_scale, up);
                 for (int64_t m = 0; m < M; m++) act[m * I + i] = out[m] / (1.f + expf(-out[m])) * up[m];
             }
-            order_for(&L->down, act, ordered, M);
+            order_for(md, &L->down, act, ordered, M);
             project(md, &L->down, act, ordered, M, x, 1, row_scale);
         }
     }

@@ -42,7 +42,7 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim",
-                                                    "intermediate", "block_size", "cache_bf16")]
+                                                    "intermediate", "block_size", "cache_bf16", "bf16_activations")]
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("e4m3_table", ctypes.c_void_p)]
 
 
@@ -94,8 +94,12 @@ class FusedDecoder:
         lib.decode_scratch_floats.argtypes = [p, i64, i64, i64]
         lib.decode_scratch_floats.restype = ctypes.c_int64
         cache_dtype = layers[0].k_cache.dtype
-        self.model = _Model(len(layers), hidden, heads, kv_heads, head_dim, intermediate, block_size,
-                            int(cache_dtype == torch.bfloat16), eps, scale, _E4M3_TABLE.data_ptr())  # fmt: skip
+        bf16 = cache_dtype == torch.bfloat16  # the cache is in the model dtype
+        # A bf16 model's projections take bf16 inputs, as in the per-layer path, where the CPU has
+        # bf16 dot products (then 2x the products per instruction).
+        self.bf16_activations = bf16 and lib.bf16_dot
+        self.model = _Model(len(layers), hidden, heads, kv_heads, head_dim, intermediate, block_size, int(bf16),
+                            int(self.bf16_activations), eps, scale, _E4M3_TABLE.data_ptr())  # fmt: skip
         self._alive: list[Tensor] = [_E4M3_TABLE]
         self.layers = (_Layer * len(layers))()
         for slot, layer in zip(self.layers, layers):

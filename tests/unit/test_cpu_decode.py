@@ -135,3 +135,21 @@ def test_speculative_verification_rows_run_fused(checkpoints, monkeypatch):
         outs[mode] = llm.generate(repetitive, params)[0].outputs[0].token_ids
     assert any(n > 1 for n in calls), calls  # steps with drafts ran fused
     assert outs["fused"] == outs["torch"]
+
+
+@pytest.mark.parametrize("quantization", [None, "nvfp4"])
+def test_bf16_models_stay_within_bf16_rounding_of_the_torch_layers(checkpoints, monkeypatch, quantization):
+    """bf16 models: the fused step keeps the residual in fp32 (and, with bf16 dot products,
+    rounds projection inputs to bf16 as the per-layer path does), so it matches that path to
+    bf16 precision, not bit for bit."""
+    outs = {}
+    for mode in ("fused", "torch"):
+        monkeypatch.setenv(cpu_decode.ENV_VAR, mode)
+        llm = LLM(str(checkpoints["llama-tied"]), dtype="bfloat16", kv_cache_memory="4MiB", quantization=quantization)
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
+        out = llm.generate(prompts(2), params)
+        outs[mode] = [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs]) for o in out]
+        assert (llm.engine.model.model._fused.decoder is None) == (mode == "torch")
+    for (ids, logprobs), (ref_ids, ref_logprobs) in zip(outs["fused"], outs["torch"]):
+        assert ids[:2] == ref_ids[:2]
+        torch.testing.assert_close(torch.tensor(logprobs[:2]), torch.tensor(ref_logprobs[:2]), atol=0.05, rtol=0)
