@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from fp4serve.engine.engine import LLMEngine
 from fp4serve.errors import Fp4ServeError
+from fp4serve.kernels.cpu_build import release_openmp_threads
 from fp4serve.outputs import RequestOutput
 from fp4serve.sampling_params import SamplingParams
 
@@ -102,16 +103,32 @@ class _Abort:
 
 
 class AsyncEngine:
-    """Runs `engine` in a background thread from construction until `shutdown()`."""
+    """Runs `engine` in a background thread from construction until `shutdown()`, or, with
+    `in_this_thread=True`, in the thread that calls `run()` (`fp4serve serve` runs it on the main
+    thread, which loaded the model, and the HTTP server in a thread: on CPU the compute then stays
+    with the thread whose OpenMP team did the loading; a second team beside an idle first one
+    makes libgomp sleep at every barrier, measured 2x slower decode)."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, in_this_thread: bool = False):
         self.engine = engine
         self._inbox: deque[_Add | _Abort] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._streams: dict[str, RequestStream] = {}  # loop thread only
-        self._thread = threading.Thread(target=self._run, name="fp4serve-engine", daemon=True)
-        self._thread.start()
+        self._owns_thread = not in_this_thread
+        if in_this_thread:
+            self._thread = threading.current_thread()
+        else:
+            if engine.device.type == "cpu":
+                release_openmp_threads()  # this thread's idle team (cpu_decode.c release_openmp_threads)
+            self._thread = threading.Thread(target=self._run, name="fp4serve-engine", daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """The loop, on the calling thread, until `shutdown()` (in_this_thread engines only)."""
+        if self._thread is not threading.current_thread():
+            raise RuntimeError("AsyncEngine.run() belongs to the thread that made an in_this_thread engine")
+        self._run()
 
     # ---- what the engine offers the server (fixed at load time, safe to read from any thread) --
     @property
@@ -173,11 +190,12 @@ class AsyncEngine:
         self._submit(_Abort(request_id))
 
     def shutdown(self) -> None:
-        """Stop the loop thread after its current step; open streams end with EngineDeadError."""
+        """Stop the loop after its current step; open streams end with EngineDeadError. Waits for
+        a background loop thread to end (never for the thread of an in_this_thread engine)."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
-        if threading.current_thread() is not self._thread:
+        if self._owns_thread and threading.current_thread() is not self._thread:
             self._thread.join()
 
     def _submit(self, command: _Add | _Abort) -> None:

@@ -68,3 +68,10 @@ def cpu_library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("CPU kernels unavailable (%s); using the slower torch paths", e)
         return None
+
+
+def release_openmp_threads() -> bool:
+    """Let the calling thread's OpenMP workers go, before another thread takes over the compute
+    (cpu_decode.c release_openmp_threads says why). True when they were released."""
+    lib = cpu_library()
+    return lib is not None and lib.release_openmp_threads() == 0

@@ -135,13 +135,14 @@ class LlamaModel(nn.Module):
         has bound the caches, and again if they are rebound."""
         if batch.num_tokens > FUSED_MAX_ROWS["nvfp4"] or batch.input_ids.device.type != "cpu":
             return None
+        caches = [t for layer in self.layers for t in (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)]
+        if any(t is None for t in caches):
+            return None  # not bound yet: decide once they are
         plan = getattr(self, "_fused", None)
-        if plan is None:
+        if plan is None or (plan.decoder is not None and plan.decoder.cache_pointers != tuple(t.data_ptr() for t in caches)):
             plan = self._fused = FusedPlan.build(self)
-        if plan.decoder is None or batch.num_tokens > plan.max_rows or any(l._forward_hooks for l in self.layers):
-            return None
-        if plan.decoder.cache_pointers != tuple(t.data_ptr() for l in self.layers for t in (l.self_attn.attn.k_cache, l.self_attn.attn.v_cache)):
-            plan = self._fused = FusedPlan.build(self)
+        if plan.decoder is None or batch.num_tokens > plan.max_rows or any(layer._forward_hooks for layer in self.layers):
+            return None  # forward hooks (a DFlash drafter's feature capture) need the per-layer path
         return plan.decoder
 
 
@@ -206,7 +207,7 @@ class FusedPlan:
             attn = layer.self_attn
             if attn.qk_norm or attn.attn.sliding_window is not None or attn.rotary.rotary_dim != attn.head_dim:
                 return "q/k norm, sliding window or partial rotary"
-            if attn.attn.k_cache is None or attn.attn.kv.format.quantized or attn.attn.k_cache.dtype not in (torch.float32, torch.bfloat16):
+            if attn.attn.kv.format.quantized or attn.attn.k_cache.dtype not in (torch.float32, torch.bfloat16):
                 return "the KV cache format"
             if attn.attn.calibrate_kv_scales or attn.attn.k_cache.device.type != "cpu":
                 return "KV scale calibration or a non-CPU cache"

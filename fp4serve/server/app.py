@@ -19,7 +19,9 @@ import asyncio
 import json
 import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable
 
@@ -238,15 +240,41 @@ def run_server(
         log.info("--trust-remote-code: accepted for vLLM compatibility; fp4serve runs no code from model directories")
     engine = LLMEngine(engine_config)
     names = served_model_names or _default_names(engine_config)
-    async_engine = AsyncEngine(engine)
+    # The engine loop stays on this thread, which loaded the model, and HTTP gets a thread of its
+    # own (AsyncEngine says why); Ctrl-C reaches this thread and stops both.
+    async_engine = AsyncEngine(engine, in_this_thread=True)
+    app = build_app(async_engine, names, api_key, options)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5))
+    failed = []
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # uvicorn exits with SystemExit when it cannot bind
+            failed.append(e)
+        finally:
+            async_engine.shutdown()
+
+    http = threading.Thread(target=serve_http, name="fp4serve-http", daemon=True)
+    http.start()
+    if started is not None:
+        log.info("ready %.2f s after the command started", time.perf_counter() - started)
+    print(ready_message(host, port, names[0], api_key is not None), file=sys.stderr, flush=True)
+    def stop(signum, frame):  # SIGTERM as Ctrl-C: a graceful stop, as uvicorn gives on the main thread
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        app = build_app(async_engine, names, api_key, options)
-        if started is not None:
-            log.info("ready %.2f s after the command started", time.perf_counter() - started)
-        print(ready_message(host, port, names[0], api_key is not None), file=sys.stderr, flush=True)
-        uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5)
+        async_engine.run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
         async_engine.shutdown()
+        http.join(timeout=10)
+    if failed or not server.started:
+        raise SystemExit(1)
 
 
 def ready_message(host: str, port: int, model: str, with_key: bool) -> str:
