@@ -49,7 +49,7 @@ def best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def machine(threads: int) -> dict:
+def machine() -> dict:
     a = torch.ones(256 * 2**20 // 4)
     read = a.numel() * 4 / best_seconds(a.sum, 5) / 1e9
     out = {"read_gbs": read}
@@ -161,7 +161,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: llama.cpp ...", flush=True)
         peer = merge_best(peer, llama_round(args, gguf))
         print(f"  {peer}", flush=True)
-    hw = machine(args.threads)
+    hw = machine()
     gemv = gemv_bandwidth()
     print(f"\n{cpu_features().describe()}; {args.threads} threads; torch {torch.__version__}")
     print(f"read bandwidth {hw['read_gbs']:.1f} GB/s; GEMM 2048^3 fp32 {hw['gemm_float32']:.0f} GFLOP/s, "
@@ -181,7 +181,7 @@ def main() -> None:
         (f"n-gram c=1 extraction, nvfp4 + head (accept len {ours['ngram_c1_nvfp4_accept_len']:.2f})", ours["ngram_c1_nvfp4"],
          peer["tg128"], "tg128", 2.5),
     ]  # fmt: skip
-    print(f"\n| workload | fp4serve tok/s | llama.cpp Q4_1 tok/s | ratio | target |\n| --- | ---: | ---: | ---: | ---: |")
+    print("\n| workload | fp4serve tok/s | llama.cpp Q4_1 tok/s | ratio | target |\n| --- | ---: | ---: | ---: | ---: |")
     for name, a, b, peer_name, target in rows:
         print(f"| {name} | {a:.1f} | {b:.1f} ({peer_name}) | {a / b:.2f}x | {f'>= {target}x' if target else '-'} |")
 

@@ -258,8 +258,9 @@ def run_server(
     http = threading.Thread(target=serve_http, name="fp4serve-http", daemon=True)
     http.start()
     if started is not None:
-        log.info("ready %.2f s after the command started", time.perf_counter() - started)
+        log.info("engine ready %.2f s after the command started; HTTP is starting", time.perf_counter() - started)
     print(ready_message(host, port, names[0], api_key is not None), file=sys.stderr, flush=True)
+
     def stop(signum, frame):  # SIGTERM as Ctrl-C: a graceful stop, as uvicorn gives on the main thread
         raise KeyboardInterrupt
 
