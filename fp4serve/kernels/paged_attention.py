@@ -1,7 +1,9 @@
-"""Batched decode attention: every one-token query of a step in one set of batched matmuls.
+"""Batched decode attention: every one-token query of a step in one call.
 
-Decode steps dominate serving, and looping over 32 sequences per layer costs more in Python than
-the math. Rows are gathered into a padded [B, Hkv, max_ctx, D] view with a length mask. Plain
+On CPU with a 16/32-bit cache, C code (cpu_decode.c `paged_decode_attention`) reads each
+sequence's blocks in place. Otherwise (CUDA, fp8/nvfp4 caches, FP4SERVE_CPU_DECODE=torch) the torch
+path: decode steps dominate serving, and looping over 32 sequences per layer costs more in Python
+than the math, so rows are gathered into a padded [B, Hkv, max_ctx, D] view with a length mask. Plain
 matmuls rather than SDPA: torch's CPU SDPA kernel is tuned for long queries and is ~4x slower for
 one-token queries in bf16. fp8 and nvfp4 caches are decoded after the gather, so only the blocks a
 step reads are dequantized. Tested against layers.attention.paged_attention_ref."""

@@ -15,6 +15,7 @@ import torch
 from conftest import paged_batch
 
 from fp4serve.forward_batch import ForwardBatch
+from fp4serve.kernels.cpu_build import cpu_library
 from fp4serve.kernels.paged_attention import decode_attention
 from fp4serve.layers.attention import PagedAttention, gather_kv, paged_attention, paged_attention_ref, write_kv
 
@@ -153,7 +154,14 @@ def test_non_causal_sees_the_whole_context(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 1, 4, 20])
-def test_decode_attention_matches_reference(dtype, window):
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_decode_attention_matches_reference(dtype, window, path, monkeypatch):
+    """Both decode paths: C reading the blocks in place (CPU, 16/32-bit caches), and the batched
+    torch matmuls over gathered blocks (other devices and caches; FP4SERVE_CPU_DECODE=torch)."""
+    if path == "torch":
+        monkeypatch.setenv("FP4SERVE_CPU_DECODE", "torch")
+    elif cpu_library() is None:
+        pytest.skip("no C compiler for the CPU kernels")
     case = Case(DECODES, dtype=dtype, seed=3)
     b = case.batch
     fast = decode_attention(case.q, case.k_cache, case.v_cache, b.block_tables, b.context_lens, SCALE, window)
