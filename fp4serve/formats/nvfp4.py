@@ -49,6 +49,9 @@ E2M1_VALUES = torch.tensor(
     dtype=torch.float32,
 )
 
+# Value of each float8_e4m3fn byte (0x7f and 0xff are NaN), as float32: byte -> block scale.
+E4M3_BYTE_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
 # Midpoints between neighbouring grid magnitudes. A magnitude's index is the number of midpoints
 # it passes; at an exact midpoint, round half to even picks the neighbour with an even mantissa
 # (0, 1, 2, 4), so it counts as passed at 0.75, 1.75 and 3.5 only. Those three enter the table as the

@@ -53,10 +53,28 @@ def build_library(cflags: tuple[str, ...], cache: Path | None = None) -> ctypes.
             os.replace(built, library)  # atomic: a concurrent process sees the old state or the whole file
         log.info("compiled the CPU kernels: %s", library)
     lib = ctypes.CDLL(str(library))
-    lib.nvfp4_kernel_isa.restype = ctypes.c_char_p
+    _declare(lib)
     lib.bf16_dot = bool(lib.nvfp4_bf16_dot())
     lib.isa = lib.nvfp4_kernel_isa().decode() + ("_bf16" if lib.bf16_dot else "")
     return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures, once per library (pointers are data_ptr() ints)."""
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures = {
+        "nvfp4_gemv": ([p, p, p, p, i64, p, i32, p, i64, i64, i64, i32, i32], ctypes.c_int),
+        "nvfp4_dequantize": ([p, p, p, p, i64, p, i64, i64, i32, i32], None),
+        "nvfp4_kernel_isa": ([], ctypes.c_char_p),
+        "nvfp4_bf16_dot": ([], ctypes.c_int),
+        "llama_decode": ([p, p, p, i64, p, p, i64, p, p, p, p, i64, i32], ctypes.c_int),
+        "decode_scratch_floats": ([p, i64, i64, i64], ctypes.c_int64),
+        "paged_decode_attention": ([p, p, p, i32, p, i64, p, i64, i64, i64, i64, i64, f32, i64, p, i32], ctypes.c_int),
+        "release_openmp_threads": ([], ctypes.c_int),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
 
 
 @functools.cache

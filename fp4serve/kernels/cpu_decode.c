@@ -46,54 +46,41 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+/* Weights i.. as fp32 lanes, from bf16 (shifted into the high half) or fp32. */
+#if defined(__AVX512F__)
+static inline __m512 weights16(const void *w, int64_t i, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)w + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#elif AVX2_PATH
+static inline __m256 weights8(const void *w, int64_t i, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
 /* sum_i x[i] w[i], w in bf16 (bf16_weights) or fp32; the SIMD width of the build. */
 static float dot(const float *x, const void *w, int64_t n, int bf16_weights) {
     int64_t i = 0;
     float sum = 0.f;
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    if (bf16_weights) {
-        const uint16_t *wb = (const uint16_t *)w;
-        for (; i + 32 <= n; i += 32) {
-            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wb + i))), 16));
-            __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wb + i + 16))), 16));
-            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
-            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
-        }
-    } else {
-        const float *wf = (const float *)w;
-        for (; i + 32 <= n; i += 32) {
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wf + i), _mm512_loadu_ps(x + i), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wf + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        }
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm512_fmadd_ps(weights16(w, i, bf16_weights), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(weights16(w, i + 16, bf16_weights), _mm512_loadu_ps(x + i + 16), a1);
     }
     sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #elif AVX2_PATH
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    if (bf16_weights) {
-        const uint16_t *wb = (const uint16_t *)w;
-        for (; i + 16 <= n; i += 16) {
-            __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + i))), 16));
-            __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + i + 8))), 16));
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), a0);
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), a1);
-        }
-    } else {
-        const float *wf = (const float *)w;
-        for (; i + 16 <= n; i += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i), _mm256_loadu_ps(x + i), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        }
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(weights8(w, i, bf16_weights), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(weights8(w, i + 8, bf16_weights), _mm256_loadu_ps(x + i + 8), a1);
     }
-    __m256 s8 = _mm256_add_ps(a0, a1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    sum = hsum256(_mm256_add_ps(a0, a1));
 #endif
-    if (bf16_weights)
-        for (; i < n; i++) sum += x[i] * bf16_to_float(((const uint16_t *)w)[i]);
-    else
-        for (; i < n; i++) sum += x[i] * ((const float *)w)[i];
+    for (; i < n; i++) sum += x[i] * (bf16_weights ? bf16_to_float(((const uint16_t *)w)[i]) : ((const float *)w)[i]);
     return sum;
 }
 
@@ -166,35 +153,7 @@ static void order_for(const Model *md, const Weight *w, const float *x, void *xo
     const int bf16 = (int)md->bf16_activations;
     if (w->kind != WEIGHT_NVFP4 && !(bf16 && w->kind == WEIGHT_BF16)) return;
     #pragma omp single
-    {
-        const int64_t K = w->k;
-        for (int64_t m = 0; m < M; m++) {
-            const float *row = x + m * K;
-            float *dst = (float *)xo + m * K;
-            uint16_t *dst16 = (uint16_t *)xo + m * K;
-#define PUT(i, value) (bf16 ? (void)(dst16[i] = (uint16_t)bf16_bits(value)) : (void)(dst[i] = (value)))
-            if (w->kind != WEIGHT_NVFP4) {
-                for (int64_t k = 0; k < K; k++) PUT(k, row[k]);
-                continue;
-            }
-#if GROUPED
-            int64_t k = 0;
-            for (; k + 64 <= K; k += 64)
-                for (int i = 0; i < 4; i++)
-                    for (int j = 0; j < 16; j++) PUT(k + 16 * i + j, row[k + 4 * j + i]);
-            for (; k < K; k++) PUT(k, row[k]);
-#elif AVX2_PATH
-            for (int64_t i = 0; i < K; i += 16)
-                for (int j = 0; j < 8; j++) {
-                    PUT(i + j, row[i + 2 * j]);
-                    PUT(i + 8 + j, row[i + 2 * j + 1]);
-                }
-#else
-            for (int64_t k = 0; k < K; k++) PUT(k, row[k]);
-#endif
-#undef PUT
-        }
-    }
+    order_rows(x, 0, xo, bf16, M, w->k, w->kind == WEIGHT_NVFP4);
 }
 
 static void rms_norm_rows(const float *x, const float *weight, float *out, int64_t M, int64_t H, float eps) {
@@ -309,14 +268,22 @@ int paged_decode_attention(const float *q, const void *k_cache, const void *v_ca
     return 0;
 }
 
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* The widest row a stage keeps (a projection's input, the q/k/v output), in floats. */
+static int64_t widest_row(const Model *md) {
+    int64_t qkv = (md->heads + 2 * md->kv_heads) * md->head_dim;
+    return max64(max64(qkv, md->intermediate), max64(md->hidden, md->heads * md->head_dim));
+}
+
+/* Each thread's scratch: attention scores over the context, then one weight row's block scales. */
+static int64_t per_thread_floats(const Model *md, int64_t max_context) { return max_context + widest_row(md) / 16 + 16; }
+
 /* x [M, hidden] fp32, updated in place through every layer. scratch: fp32, at least
    decode_scratch_floats(model, M, max_context, threads). Returns 0. */
 int64_t decode_scratch_floats(const Model *md, int64_t M, int64_t max_context, int64_t threads) {
-    int64_t qkv = (md->heads + 2 * md->kv_heads) * md->head_dim, wide = md->intermediate > qkv ? md->intermediate : qkv;
-    int64_t widest = wide > md->hidden ? wide : md->hidden;
-    if (md->heads * md->head_dim > widest) widest = md->heads * md->head_dim;
-    int64_t per_thread = max_context + widest / 16 + 16;
-    return M * (md->hidden + qkv + md->heads * md->head_dim + 2 * md->intermediate + widest) + threads * per_thread;
+    const int64_t qkv = (md->heads + 2 * md->kv_heads) * md->head_dim, attn = md->heads * md->head_dim;
+    return M * (md->hidden + qkv + attn + md->intermediate + widest_row(md)) + threads * per_thread_floats(md, max_context);
 }
 
 int llama_decode(const Model *md, const Layer *layers, float *x, int64_t M, const int64_t *slots,
@@ -324,19 +291,17 @@ int llama_decode(const Model *md, const Layer *layers, float *x, int64_t M, cons
                  const float *sin, float *scratch, int64_t max_context, int threads) {
     const int64_t H = md->hidden, I = md->intermediate, qkv_width = (md->heads + 2 * md->kv_heads) * md->head_dim;
     const int64_t attn_width = md->heads * md->head_dim;
-    int64_t qw = (md->heads + 2 * md->kv_heads) * md->head_dim, wide = I > qw ? I : qw;
-    int64_t widest = wide > H ? wide : H;
-    if (attn_width > widest) widest = attn_width;
+    /* the layout decode_scratch_floats sizes */
     float *h = scratch, *qkv = h + M * H, *attn = qkv + M * qkv_width, *act = attn + M * attn_width;
-    float *ordered = act + 2 * M * I, *per_thread = ordered + M * widest;
-    const int64_t per_thread_floats = max_context + widest / 16 + 16;
+    float *ordered = act + M * I, *per_thread = ordered + M * widest_row(md);
+    const int64_t thread_floats = per_thread_floats(md, max_context);
     #pragma omp parallel num_threads(threads)
     {
         int me = 0;
 #ifdef _OPENMP
         me = omp_get_thread_num();
 #endif
-        float *scores = per_thread + me * per_thread_floats, *row_scale = scores + max_context;
+        float *scores = per_thread + me * thread_floats, *row_scale = scores + max_context;
         float out[64];
         for (int64_t l = 0; l < md->num_layers; l++) {
             const Layer *L = layers + l;

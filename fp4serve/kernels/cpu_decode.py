@@ -12,20 +12,27 @@ per-layer torch path (tests/unit/test_cpu_decode.py); FP4SERVE_CPU_DECODE=torch 
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from fp4serve.formats.nvfp4 import E4M3_BYTE_VALUES
 from fp4serve.kernels.cpu_build import cpu_library
 
 ENV_VAR = "FP4SERVE_CPU_DECODE"
+
+
+def c_decode_enabled() -> bool:
+    """False when FP4SERVE_CPU_DECODE=torch asks for the per-layer torch path everywhere (the
+    fused step, the C decode attention, and the plain weights kept for them)."""
+    return os.environ.get(ENV_VAR, "fused") != "torch"
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}
 NVFP4 = 2
 # The C code keeps per-row outputs in arrays of 64.
 MAX_ROWS = 64
 
-_E4M3_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 class _Weight(ctypes.Structure):
@@ -88,19 +95,14 @@ class FusedDecoder:
         if lib is None:
             raise RuntimeError("the CPU kernel library is unavailable")
         self.lib = lib
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.llama_decode.argtypes = [p, p, p, i64, p, p, i64, p, p, p, p, i64, i32]
-        lib.llama_decode.restype = ctypes.c_int
-        lib.decode_scratch_floats.argtypes = [p, i64, i64, i64]
-        lib.decode_scratch_floats.restype = ctypes.c_int64
         cache_dtype = layers[0].k_cache.dtype
         bf16 = cache_dtype == torch.bfloat16  # the cache is in the model dtype
         # A bf16 model's projections take bf16 inputs, as in the per-layer path, where the CPU has
         # bf16 dot products (then 2x the products per instruction).
         self.bf16_activations = bf16 and lib.bf16_dot
         self.model = _Model(len(layers), hidden, heads, kv_heads, head_dim, intermediate, block_size, int(bf16),
-                            int(self.bf16_activations), eps, scale, _E4M3_TABLE.data_ptr())  # fmt: skip
-        self._alive: list[Tensor] = [_E4M3_TABLE]
+                            int(self.bf16_activations), eps, scale, E4M3_BYTE_VALUES.data_ptr())  # fmt: skip
+        self._alive: list[Tensor] = [E4M3_BYTE_VALUES]
         self.layers = (_Layer * len(layers))()
         for slot, layer in zip(self.layers, layers):
             for name in ("qkv", "o", "gate_up", "down"):

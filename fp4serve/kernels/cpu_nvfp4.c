@@ -69,7 +69,7 @@ static const uint16_t E2M1_BF16[32] = {
 
 /* 64 weights (4 blocks, 32 bytes) -> 4 vectors of 16 scaled fp32 weights. Not in element order:
    lane k of vector i holds element 4 k + i (so lanes 4 l .. 4 l + 3 hold block l), and x is laid
-   out to match (group_order below); the products with x do not care about the order. */
+   out to match (kernel_position below); the products with x do not care about the order. */
 static inline void decode_group(const uint8_t *p, const float *scales, __m512 w[4]) {
     const __m512i lut = _mm512_loadu_si512(E2M1_BF16);
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
@@ -152,6 +152,12 @@ static void row_dot_##MT(const uint8_t *p, const float *s, const void *x, int x_
    so the products are the reference weight's, doubled. */
 static const int8_t E2M1_TWICE[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
+static inline float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
 static inline __m256 round_bf16_lanes(__m256 w) {
     __m256i u = _mm256_castps_si256(w);
     __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
@@ -169,7 +175,7 @@ static inline __m256 twice_weights(__m128i q8, __m256 scale, int round_bf16) {
    8 already (and 16 ymm registers in all). */
 #define CHAINS(MT) ((MT) <= 2 ? 4 : (MT) <= 4 ? 2 : 1)
 
-/* x is in block order (block_order below): in each block of 16, the 8 even elements, then the 8
+/* x is in block order (kernel_position below): in each block of 16, the 8 even elements, then the 8
    odd ones, matching the low and high nibbles of the block's 8 bytes. */
 #define DEFINE_ROW_DOT(MT)                                                                           \
 static void row_dot_##MT(const uint8_t *p, const float *s, const void *x, int x_bf16, int64_t K,    \
@@ -218,10 +224,7 @@ static void row_dot_##MT(const uint8_t *p, const float *s, const void *x, int x_
     for (int i = 0; i < MT; i++) {                                                                   \
         __m256 sum = acc[i][0];                                                                      \
         for (int c = 1; c < CHAINS(MT); c++) sum = _mm256_add_ps(sum, acc[i][c]);                    \
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));           \
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                      \
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                       \
-        out[i] = 0.5f * _mm_cvtss_f32(h);                                                            \
+        out[i] = 0.5f * hsum256(sum);                                                                \
     }                                                                                                \
 }
 
@@ -369,36 +372,40 @@ int nvfp4_bf16_dot(void) { return BF16_DOT; }
 /* The instruction set this build's paths use: "avx512", "avx2" or "scalar". */
 const char *nvfp4_kernel_isa(void) { return KERNEL_ISA; }
 
-/* x for the AVX2 path: in each block of 16, the 8 even elements, then the 8 odd ones. */
-static void *block_order(const float *x, int64_t M, int64_t K) {
-    float *out = malloc(M * K * sizeof(float));
-    if (!out) return NULL;
-    for (int64_t i = 0; i < M * K; i += 16)
-        for (int j = 0; j < 8; j++) {
-            out[i + j] = x[i + 2 * j];
-            out[i + 8 + j] = x[i + 2 * j + 1];
-        }
-    return out;
+/* Where element e (of K) of a row of x goes in the order this build's row dot reads: AVX-512, in
+   each full group of 64 position 16 i + k holds element 4 k + i (decode_group's lanes; the tail,
+   K % 64, stays in element order); AVX2, in each block of 16 the 8 even elements, then the 8 odd
+   ones (the low and high nibbles of the block's bytes); portable C, element order. */
+static inline int64_t kernel_position(int64_t e, int64_t K) {
+#if GROUPED
+    int64_t base = e - e % 64, within = e % 64;
+    return base + 64 <= K ? base + 16 * (within % 4) + within / 4 : e;
+#elif AVX2_PATH
+    int64_t base = e - e % 16, within = e % 16;
+    (void)K;
+    return base + (within % 2) * 8 + within / 2;
+#else
+    (void)K;
+    return e;
+#endif
 }
 
-/* x in decode_group's order: in each full group of 64 inputs, position 16 i + k holds element
-   4 k + i; the tail (K % 64, whole blocks) stays in element order. */
-static void *group_order(const void *x, int64_t M, int64_t K, int elem) {
-    char *out = malloc(M * K * elem);
-    if (!out) return NULL;
-    for (int64_t m = 0; m < M; m++) {
-        const char *row = (const char *)x + m * K * elem;
-        char *dst = out + m * K * elem;
-        int64_t k = 0;
-        for (; k + 64 <= K; k += 64)
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 16; j++) {
-                    if (elem == 2) ((uint16_t *)dst)[k + 16 * i + j] = ((const uint16_t *)row)[k + 4 * j + i];
-                    else ((uint32_t *)dst)[k + 16 * i + j] = ((const uint32_t *)row)[k + 4 * j + i];
-                }
-        memcpy(dst + k * elem, row + k * elem, (K - k) * elem);
-    }
-    return out;
+/* M rows of x (fp32, or bf16 bits when x_bf16) into out (bf16 bits when out_bf16, rounded to
+   nearest even, else fp32), in the row dot's order when kernel_order, else element order. */
+static void order_rows(const void *x, int x_bf16, void *out, int out_bf16, int64_t M, int64_t K, int kernel_order) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t e = 0; e < K; e++) {
+            float v;
+            if (x_bf16) {
+                uint32_t u = (uint32_t)((const uint16_t *)x)[m * K + e] << 16;
+                memcpy(&v, &u, 4);
+            } else {
+                v = ((const float *)x)[m * K + e];
+            }
+            int64_t at = m * K + (kernel_order ? kernel_position(e, K) : e);
+            if (out_bf16) ((uint16_t *)out)[at] = (uint16_t)bf16_bits(v);
+            else ((float *)out)[at] = v;
+        }
 }
 
 /* y[M, N] (fp32) = x[M, K] @ W^T with W decoded block by block, never stored. x is fp32, or bf16
@@ -409,8 +416,12 @@ int nvfp4_gemv(const uint8_t *packed, const uint8_t *scales, const float *table,
                int threads) {
     const int elem = x_bf16 ? 2 : 4;
     const void *x = x_in;
-    if (GROUPED && !(x = group_order(x_in, M, K, elem))) return -1;
-    if (AVX2_PATH && !(x = block_order((const float *)x_in, M, K))) return -1;
+    if (GROUPED || AVX2_PATH) {
+        void *ordered = malloc(M * K * elem);
+        if (!ordered) return -1;
+        order_rows(x_in, x_bf16, ordered, x_bf16, M, K, 1);
+        x = ordered;
+    }
 #if BF16_DOT
     if (x_bf16 && M > 1) {
         #pragma omp parallel for num_threads(threads) schedule(static)

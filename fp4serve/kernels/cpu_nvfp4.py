@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fp4serve.errors import CheckpointError
-from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_VALUES, dequantize_nvfp4, quantize_nvfp4
+from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_VALUES, E4M3_BYTE_VALUES, dequantize_nvfp4, quantize_nvfp4
 from fp4serve.kernels.cpu_build import cpu_library
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,6 @@ GEMV_MAX_ROWS = 32
 TILE_ROWS = 64
 TILE_BYTES = 512 * 1024
 
-# float8_e4m3fn byte -> fp32 value; the C code multiplies it by the global scale in fp32, exactly
-# as dequantize_nvfp4 does (block_scale.float() * global_scale).
-_E4M3_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 # Byte -> its two codes' fp32 values packed in one int64 (first element in the low half, as on
 # little-endian memory), so one index_select decodes two weights: the torch path's table.
@@ -59,20 +56,9 @@ _BYTE = torch.arange(256, dtype=torch.int32)
 _E2M1_PAIRS = torch.stack((E2M1_VALUES[_BYTE & 15], E2M1_VALUES[_BYTE >> 4]), dim=-1).view(torch.int64).flatten()
 
 
-def nvfp4_library(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
-    """The kernel library with its NVFP4 entry points typed (once per library)."""
-    if lib is not None and not hasattr(lib, "nvfp4_typed"):
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.nvfp4_gemv.argtypes = [p, p, p, p, i64, p, i32, p, i64, i64, i64, i32, i32]
-        lib.nvfp4_dequantize.argtypes = [p, p, p, p, i64, p, i64, i64, i32, i32]
-        lib.nvfp4_gemv.restype, lib.nvfp4_dequantize.restype = ctypes.c_int, None
-        lib.nvfp4_typed = True
-    return lib
-
-
 def kernel() -> ctypes.CDLL | None:
     """This CPU's kernel library, or None (no C compiler: the torch path runs)."""
-    return nvfp4_library(cpu_library())
+    return cpu_library()
 
 
 def kernel_available() -> bool:
@@ -165,7 +151,7 @@ def _gemv(lib: ctypes.CDLL, x2: Tensor, packed: Tensor, block_scale: Tensor, g: 
     out_features = packed.shape[0]
     y = torch.empty(rows, out_features, dtype=torch.float32)
     status = lib.nvfp4_gemv(
-        packed.data_ptr(), scales.data_ptr(), _E4M3_TABLE.data_ptr(), g.data_ptr(), int(g.numel() > 1),
+        packed.data_ptr(), scales.data_ptr(), E4M3_BYTE_VALUES.data_ptr(), g.data_ptr(), int(g.numel() > 1),
         xc.data_ptr(), int(x_bf16), y.data_ptr(), rows, out_features, in_features, int(round_bf16), torch.get_num_threads(),
     )
     if status:
@@ -185,7 +171,7 @@ def _dequantize_rows_c(
     if out is None:
         out = torch.empty(rows, in_features, dtype=torch.bfloat16 if direct else torch.float32)
     lib.nvfp4_dequantize(
-        packed.data_ptr(), scales.data_ptr(), _E4M3_TABLE.data_ptr(), g.data_ptr(), int(g.numel() > 1),
+        packed.data_ptr(), scales.data_ptr(), E4M3_BYTE_VALUES.data_ptr(), g.data_ptr(), int(g.numel() > 1),
         out.data_ptr(), rows, in_features, int(direct), torch.get_num_threads(),
     )
     return out if direct else out.to(dtype)

@@ -9,13 +9,11 @@ one-token queries in bf16. fp8 and nvfp4 caches are decoded after the gather, so
 step reads are dequantized. Tested against layers.attention.paged_attention_ref."""
 from __future__ import annotations
 
-import ctypes
-import os
-
 import torch
 import torch.nn.functional as F
 
 from fp4serve.kernels.cpu_build import cpu_library
+from fp4serve.kernels.cpu_decode import c_decode_enabled
 from fp4serve.layers.kv_quant import KVQuant
 
 # Up to this many sequences torch's SDPA is fastest (its transposes are tiny); beyond, its CPU
@@ -78,15 +76,7 @@ def _c_attention_library(q, k_cache, kv: KVQuant):
     None otherwise, or with FP4SERVE_CPU_DECODE=torch."""
     if q.device.type != "cpu" or kv.format.quantized or k_cache.dtype not in (torch.bfloat16, torch.float32):
         return None
-    if os.environ.get("FP4SERVE_CPU_DECODE", "fused") == "torch":
-        return None
-    lib = cpu_library()
-    if lib is not None and not hasattr(lib, "attention_typed"):
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.paged_decode_attention.argtypes = [p, p, p, i32, p, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, i32]
-        lib.paged_decode_attention.restype = ctypes.c_int
-        lib.attention_typed = True
-    return lib
+    return cpu_library() if c_decode_enabled() else None
 
 
 def _c_decode_attention(lib, q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fp4serve.errors import ConfigError
-from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, quantize_nvfp4
+from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_BYTE_VALUES, E4M3_MAX, quantize_nvfp4
 
 PLAIN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZED = ("fp8_e4m3", "nvfp4")
@@ -79,7 +79,7 @@ class KVCacheFormat:
         if self.name == "fp8_e4m3":
             # Each result depends on one byte: decode through a 256-entry table made for this scale
             # and dtype (torch's elementwise fp8 conversion is ~10x slower than this gather on CPU).
-            table = (_FP8_VALUES.to(stored.device) * scale).to(dtype)
+            table = (E4M3_BYTE_VALUES.to(stored.device) * scale).to(dtype)
             return table.index_select(0, stored.view(torch.uint8).reshape(-1).int()).view(stored.shape)
         if self.name == "nvfp4":
             half = stored.shape[-1] * BLOCK_SIZE // (BLOCK_SIZE + 2)  # row = D/2 code bytes + D/16 scale bytes
@@ -89,12 +89,10 @@ class KVCacheFormat:
             pairs = _BYTE_VALUES.to(stored.device).view(torch.int64).view(-1)
             values = pairs.index_select(0, codes.reshape(-1).int()).view(torch.float32)
             values = values.view(*codes.shape[:-1], -1, BLOCK_SIZE)
-            scales = (_FP8_VALUES.to(stored.device) * scale).index_select(0, block_scale.reshape(-1).int())
+            scales = (E4M3_BYTE_VALUES.to(stored.device) * scale).index_select(0, block_scale.reshape(-1).int())
             return (values * scales.view(*values.shape[:-1], 1)).flatten(-2).to(dtype)
         return stored.to(dtype)
 
-
-_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()  # byte -> value
 
 
 # The two E2M1 values of each packed byte, low nibble (the even element) first: [256, 2] float32.

@@ -8,7 +8,6 @@ everything else."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -199,7 +198,7 @@ class FusedPlan:
 
     @staticmethod
     def _unsupported(model: "LlamaModel") -> str | None:
-        if os.environ.get(cpu_decode.ENV_VAR, "fused") == "torch":
+        if not cpu_decode.c_decode_enabled():
             return f"{cpu_decode.ENV_VAR}=torch"
         if cpu_decode.cpu_library() is None:
             return "no C kernels"

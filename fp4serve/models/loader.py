@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from fp4serve.config import ModelInfo
 from fp4serve.formats.checkpoint import ON_THE_FLY, QuantConfig
 from fp4serve.formats.safetensors_io import iter_tensors
-from fp4serve.kernels.cpu_decode import ENV_VAR as FUSED_DECODE_ENV
+from fp4serve.kernels.cpu_decode import c_decode_enabled
 from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.linear import Linear, PlainLinearMethod, linear_methods
 from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
@@ -54,7 +53,7 @@ def load_model(
         # Models with a fused C decode step read the plain weights of their layers in small batches
         # and the packed ones in large batches and prefill: both are kept (not for the lm_head,
         # which stays in torch).
-        fused = getattr(model, "fused_cpu_decode", False) and os.environ.get(FUSED_DECODE_ENV, "fused") != "torch"
+        fused = getattr(model, "fused_cpu_decode", False) and c_decode_enabled()
         packed, kept = pack_model_linears(model, lambda name: fused and name != "lm_head")
         log.info("packed %d bf16 Linear weights for oneDNN%s", packed, f"; kept the plain weights of {kept} for the fused decode step" if kept else "")
     log.info(

@@ -157,7 +157,7 @@ def other_build(request, tmp_path_factory):
         pytest.skip("no C compiler")
     if level != "scalar" and not cpu_features().at_least(level):
         pytest.skip(f"this CPU cannot run the {level} build ({cpu_features().describe()})")
-    lib = cpu_nvfp4.nvfp4_library(cpu_build.build_library(cpu_build.kernel_cflags(level), cache=tmp_path_factory.mktemp("kernel")))
+    lib = cpu_build.build_library(cpu_build.kernel_cflags(level), cache=tmp_path_factory.mktemp("kernel"))
     assert lib.isa == level
     return lib
 
