@@ -11,7 +11,7 @@ c=1 NVFP4 GEMV bandwidth next to the read bandwidth, and one table with the rati
   prefill 512 / 4096          one prompt, fp4serve default dtype vs llama-bench pp512 / pp4096
   n-gram c=1                  fp4serve (default dtype, ngram k=4) on the extraction prompts vs tg128
 
-llama.cpp comes from ../shared/tools/build-llama-cpp.sh (its bin directory: --llama-bin or $LLAMA_BIN).
+llama.cpp: its bin directory (--llama-bin or $LLAMA_BIN), built as docs/benchmarks.md shows.
 Run:  python benchmarks/cpu_vs_llama_cpp.py --llama-bin "$B" [--rounds 2] [--threads 2]
 """
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if not args.llama_bin:
-        parser.error("--llama-bin (or LLAMA_BIN): the bin directory ../shared/tools/build-llama-cpp.sh prints")
+        parser.error("--llama-bin (or LLAMA_BIN): llama.cpp's bin directory (docs/benchmarks.md shows how to build it)")
     torch.set_num_threads(args.threads)
     default_model_path()  # converted once, before anything is timed
     gguf = find_default_gguf()

@@ -1,4 +1,5 @@
-"""The default model in bf16, NVFP4 W4A16 and NVFP4 W4A4 (quantized at load): weight memory,
+"""The default model in bf16, NVFP4 W4A16 and NVFP4 W4A4 (quantized at load), with or without an NVFP4
+lm_head (--nvfp4-lm-head): weight memory,
 decode tok/s at c=1 and c=32, prefill tok/s, and quality against bf16 (mean KL in nats and top-1
 agreement over quantize.quality.EVAL_TEXT). Figures are best of --repeats runs.
 Run:  python benchmarks/nvfp4_model.py
@@ -15,7 +16,11 @@ from fp4serve.layers.linear import Linear
 from fp4serve.quantize.quality import EVAL_TEXT, compare_logits, load_for_eval, sequence_logits
 from fp4serve.tokenizer import load_tokenizer
 
-MODES = {"bf16": (None, "auto"), "nvfp4-w4a16": ("nvfp4", "w4a16"), "nvfp4-w4a4": ("nvfp4", "w4a4")}
+# mode -> (quantization, nvfp4 compute, --nvfp4-lm-head)
+MODES = {
+    "bf16": (None, "auto", False), "nvfp4-w4a16": ("nvfp4", "w4a16", False), "nvfp4-w4a4": ("nvfp4", "w4a4", False),
+    "nvfp4-w4a16-head": ("nvfp4", "w4a16", True), "bf16-nvfp4-head": (None, "auto", True),
+}  # fmt: skip
 
 
 def linear_weight_mib(model) -> float:
@@ -28,7 +33,7 @@ def linear_weight_mib(model) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["bf16", "nvfp4-w4a16", "nvfp4-w4a4"], choices=list(MODES))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-prompts", type=int, default=4)
@@ -38,15 +43,15 @@ def main() -> None:
     reference_logits = None
     table = []
     for mode in args.modes:
-        quantization, compute = MODES[mode]
-        llm = LLM(args.model, dtype="bfloat16", quantization=quantization, nvfp4_compute=compute,
+        quantization, compute, head = MODES[mode]
+        llm = LLM(args.model, dtype="bfloat16", quantization=quantization, nvfp4_compute=compute, nvfp4_lm_head=head,
                   max_num_seqs=max(args.concurrency), enable_prefix_caching=False)  # fmt: skip
         path = llm.engine.model_path
         rates = {w: r for _, w, r in engine_rows(llm, args.concurrency, args.decode_tokens, args.prefill_prompts, args.repeats)}
         mib = linear_weight_mib(llm.engine.model)
         del llm
         ids = load_tokenizer(path).encode(EVAL_TEXT)
-        logits = sequence_logits(load_for_eval(path, torch.bfloat16, quantization, "w4a16" if compute == "auto" else compute), ids)
+        logits = sequence_logits(load_for_eval(path, torch.bfloat16, quantization, "w4a16" if compute == "auto" else compute, head), ids)
         if reference_logits is None:
             reference_logits = logits
         quality = compare_logits(reference_logits, logits)

@@ -5,7 +5,7 @@
 # `fp4serve bench compare` tables (llama-server = A, fp4serve = B; B / A > 1: fp4serve ahead).
 # Use: benchmarks/served_vs_llama_server.sh LLAMA_BIN_DIR [OUT_DIR]
 set -euo pipefail
-BIN=${1:?the llama.cpp bin directory (../shared/tools/build-llama-cpp.sh prints it)}
+BIN=${1:?the llama.cpp bin directory (docs/benchmarks.md shows how to build it)}
 OUT=${2:-bench_results/served}
 GGUF=$(python -c "from fp4serve.default_model import find_default_gguf; print(find_default_gguf())")
 SWEEP=(--concurrency 1,4,16 --categories extraction_json,prose --max-tokens 128 --no-progress)

@@ -42,7 +42,7 @@ def _randomize(module: nn.Module) -> None:
 
 
 def hf_mtp_head(config, moe: bool) -> nn.Module:
-    """The MTP head in transformers modules, with REFERENCE.md s.5's names."""
+    """The MTP head in transformers modules, with docs/reference.md s.5's names."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as dense
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as sparse
 
@@ -100,7 +100,7 @@ def make_dflash_drafter(
 ) -> dict[str, torch.Tensor]:
     """A z-lab DFlashDraftModel directory for `target` (its text config): config.json with
     architectures, block_size, num_target_layers, dflash_config{mask_token_id, target_layer_ids}
-    (+ `extra` entries), optional layer_types/sliding_window/is_causal; model.safetensors with REFERENCE.md
+    (+ `extra` entries), optional layer_types/sliding_window/is_causal; model.safetensors with docs/reference.md
     s.6's tensors, no `model.` prefix. Returns the tensors."""
     H = target.hidden_size
     layer_ids = target_layer_ids if target_layer_ids is not None else default_target_layer_ids(

@@ -85,7 +85,7 @@ def counter_delta(before: dict | None, after: dict | None) -> dict:
 
 
 def acceptance(delta: dict) -> dict:
-    """vLLM's meanings (REFERENCE.md section 7): rate = accepted / draft tokens, mean acceptance
+    """vLLM's meanings (docs/reference.md section 7): rate = accepted / draft tokens, mean acceptance
     length = 1 + accepted / drafts, per position = accepted at i / drafts. `status` says which:
     "not reported" (no counters), "no drafts" (counters, but nothing drafted), or "ok"."""
     drafts, draft_tokens, accepted = (delta.get(k) for k in COUNTERS)

@@ -1,6 +1,6 @@
 """What kind of weights a model directory holds: plain, ModelOpt NVFP4 or compressed-tensors NVFP4.
 
-Reads `hf_quant_config.json` and config.json's `quantization_config` (REFERENCE.md section 2) into one
+Reads `hf_quant_config.json` and config.json's `quantization_config` (docs/reference.md section 2) into one
 `QuantConfig`, and answers per Linear whether it is quantized. Which modules stay unquantized is
 decided by the layout's own list: ModelOpt's `exclude_modules`/`ignore` (fnmatch wildcards) or
 compressed-tensors' `ignore`/`targets` (exact names or `re:` regexes; `Linear` targets every Linear).
@@ -22,7 +22,7 @@ ON_THE_FLY = "nvfp4"
 MODELOPT_NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ")
 
 # Modules `--quantization nvfp4` keeps in 16 bits: ModelOpt's NVFP4_DEFAULT_CFG exclusions
-# (REFERENCE.md section 2), written as patterns over module names.
+# (docs/reference.md section 2), written as patterns over module names.
 DEFAULT_EXCLUDES = [
     "*lm_head", "*proj_out", "*block_sparse_moe.gate", "*router*", "*mlp.gate", "*mlp.shared_expert_gate",
     "*conv1d", "*output_layer*", "output", "*linear_attn.in_proj_a", "*linear_attn.in_proj_b",

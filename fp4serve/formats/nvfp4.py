@@ -1,6 +1,6 @@
 """NVFP4 codec: tensors <-> packed E2M1 codes with FP8 block scales and an FP32 global scale.
 
-Plain torch, no model knowledge. The numbers follow NVIDIA ModelOpt (REFERENCE.md section 1):
+Plain torch, no model knowledge. The numbers follow NVIDIA ModelOpt (docs/reference.md section 1):
 
 - blocks of 16 consecutive elements along the last dimension share one float8_e4m3fn scale;
 - the whole tensor shares one float32 global scale ``g = amax / (6 * 448)`` (ModelOpt's

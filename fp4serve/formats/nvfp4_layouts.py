@@ -1,4 +1,4 @@
-"""Rewrite a compressed-tensors NVFP4 checkpoint into NVIDIA ModelOpt's layout (REFERENCE.md section 2).
+"""Rewrite a compressed-tensors NVFP4 checkpoint into NVIDIA ModelOpt's layout (docs/reference.md section 2).
 
 The packed codes and FP8 block scales are the same bytes in both; the tensor names change and the
 two global scales are inverted (compressed-tensors divides by them, ModelOpt multiplies). The output

@@ -1,4 +1,4 @@
-"""What a layer asks the engine to allocate. Models declare, the engine allocates (DESIGN.md)."""
+"""What a layer asks the engine to allocate. Models declare, the engine allocates (docs/architecture.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """Gated DeltaNet (Qwen3.5/3.6 linear-attention layers): causal conv window, delta rule, gated norm.
 
-Per value head h the layer keeps a dk x dv state S and, per token (REFERENCE.md section 4):
+Per value head h the layer keeps a dk x dv state S and, per token (docs/reference.md section 4):
     S' = exp(g) S;  u = beta (v - S'^T k);  S = S' + k u^T;  o = S^T q
 `recurrent_gated_delta_rule` is that loop, token by token; `chunk_gated_delta_rule` computes the same
 thing 64 tokens at a time with a triangular solve (the prefill form). Both follow transformers'

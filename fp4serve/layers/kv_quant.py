@@ -1,4 +1,4 @@
-"""How attention layers store K and V: the `--kv-cache-dtype` formats (REFERENCE.md section 3).
+"""How attention layers store K and V: the `--kv-cache-dtype` formats (docs/reference.md section 3).
 
 plain     the values as they are, in a 16/32-bit dtype (`auto`: the model dtype; or `bfloat16`).
 fp8_e4m3  fp8(x / scale): one float32 scale per layer for K (k_scale) and one for V (v_scale).
@@ -74,7 +74,7 @@ class KVCacheFormat:
 
     def decode(self, stored: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
         """Stored rows [..., row_width] -> values [..., D] in dtype: bit for bit the float32
-        computation (value * scale, then cast) of REFERENCE.md and of formats/nvfp4.py's
+        computation (value * scale, then cast) of docs/reference.md and of formats/nvfp4.py's
         dequantize_nvfp4."""
         if self.name == "fp8_e4m3":
             # Each result depends on one byte: decode through a 256-entry table made for this scale

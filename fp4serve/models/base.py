@@ -1,4 +1,4 @@
-"""What every model family shares: the engine-facing contract of DESIGN.md.
+"""What every model family shares: the engine-facing contract of docs/architecture.md.
 
 forward(batch) -> hidden states for every scheduled token; compute_logits(rows) -> logits;
 load_weights(iter) strict; cache needs declared by layers that have a `cache_spec()`."""

@@ -1,4 +1,4 @@
-"""DFlash block drafter (z-lab `DFlashDraftModel`, arXiv 2602.06036; REFERENCE.md s.6).
+"""DFlash block drafter (z-lab `DFlashDraftModel`, arXiv 2602.06036; docs/reference.md s.6).
 
 A few Qwen3-style decoder layers with no embedding or lm_head of their own (the target's are shared).
 Context: the target's hidden states after decoder layers `target_layer_ids` (transformers'

@@ -1,6 +1,6 @@
 """Qwen3.5 / 3.6 multi-token-prediction head (`mtp.*` tensors of the target checkpoint).
 
-One step, per row (REFERENCE.md s.5; vLLM's Qwen3_5MultiTokenPredictor):
+One step, per row (docs/reference.md s.5; vLLM's Qwen3_5MultiTokenPredictor):
     x = fc(cat[pre_fc_norm_embedding(embed(token_{t+1})), pre_fc_norm_hidden(h_t)])
     h' = norm(layers[step % n](x));  logits = lm_head(h')    -> the token at position t + 2
 `h_t` is the target's hidden state at position t AFTER its final norm (what the target model's

@@ -1,4 +1,4 @@
-"""Speculative-decoding counters with vLLM's meanings (REFERENCE.md section 7)."""
+"""Speculative-decoding counters with vLLM's meanings (docs/reference.md section 7)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Lossless verification of draft tokens (REFERENCE.md section 7).
+"""Lossless verification of draft tokens (docs/reference.md section 7).
 
 A request with drafts d_1..d_k has k + 1 logits rows: row j is the target's prediction for the
 position of d_{j+1} (row k: the bonus position after the last draft). Each row is processed exactly

@@ -1,6 +1,6 @@
 """The Qwen3.5 MTP head against a direct reimplementation from transformers' own Qwen3.5 modules.
 
-The reference applies REFERENCE.md s.5 with no cache: rows (token_{t+1}, h_t) at positions 0..T-1,
+The reference applies docs/reference.md s.5 with no cache: rows (token_{t+1}, h_t) at positions 0..T-1,
 h_t the target's final-norm output (transformers' last_hidden_state), fc over [norm_e(embed), norm_h(h)],
 transformers' decoder layer with a causal mask, norm; a draft step j > 1 is one more row fed the
 previous output and draft. fp4serve's head runs on paged KV (block size 16), chunked, batched, and
@@ -101,7 +101,7 @@ def test_head_layout(pair):
     names = [n for n, _ in iter_mtp_tensors(path)]
     assert all(n.startswith("mtp.") for n in names)
     if not hasattr(hf.config, "num_experts"):
-        assert len(names) == 15  # REFERENCE.md s.5: 15 tensors for the dense head
+        assert len(names) == 15  # docs/reference.md s.5: 15 tensors for the dense head
     assert mtp.target.embed_tokens is target.model.embed_tokens and mtp.target.lm_head is target.lm_head
     assert not any("embed_tokens" in n or "lm_head" in n for n, _ in mtp.named_parameters())
 

@@ -26,7 +26,7 @@ FP8, NVFP4 = KVCacheFormat("fp8_e4m3"), KVCacheFormat("nvfp4")
 
 
 def fp8_expected(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp8(x / scale) saturated at +-448, then scaled back (REFERENCE.md section 3), in float32
+    """fp8(x / scale) saturated at +-448, then scaled back (docs/reference.md section 3), in float32
     as scales are stored."""
     s = torch.tensor(scale, dtype=torch.float32)
     return ((x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).double()
