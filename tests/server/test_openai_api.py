@@ -348,7 +348,10 @@ def test_closed_stream_aborts_the_request(server, client, recorded_aborts, endpo
     else:
         stream = client.completions.create(prompt=PROMPT, **args)
     pool = server.engine.block_pool
-    first = next(iter(stream))
+    chunks = iter(stream)
+    first = next(chunks)
+    if endpoint == "chat":
+        next(chunks)  # the role chunk goes out before the engine has scheduled the request
     assert pool.num_free < pool.num_blocks  # the request holds KV blocks while it streams
     stream.close()
     server.wait_idle()
