@@ -8,7 +8,7 @@ from fp4serve.engine.engine import LLMEngine
 from fp4serve.errors import InvalidRequestError
 from fp4serve.outputs import RequestOutput
 from fp4serve.sampling_params import SamplingParams
-from fp4serve.spec.metrics import spec_decode_metrics
+from fp4serve.spec_decode.metrics import spec_decode_metrics
 from fp4serve.tokenizer import chat_prompt_ids
 
 

@@ -24,9 +24,9 @@ from fp4serve.layers.kv_quant import resolve_kv_cache_format
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sampling_params import SamplingParams
-from fp4serve.spec.config import SpeculativeConfig, parse_speculative_config
-from fp4serve.spec.metrics import SpecDecodingLogger, SpecDecodingStats
-from fp4serve.spec.verify import verify
+from fp4serve.spec_decode.config import SpeculativeConfig, parse_speculative_config
+from fp4serve.spec_decode.metrics import SpecDecodingLogger, SpecDecodingStats
+from fp4serve.spec_decode.verify import verify
 from fp4serve.tokenizer import NoTokenizer, eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class LLMEngine:
         self.spec_stats: SpecDecodingStats | None = None
         self.proposer = None
         if self.spec_config is not None:
-            from fp4serve.spec.proposer import make_proposer
+            from fp4serve.spec_decode.proposer import make_proposer
 
             self.proposer = make_proposer(self.spec_config, self)  # before the caches: drafters have KV too
             self.spec_stats = SpecDecodingStats(self.spec_config.num_speculative_tokens)

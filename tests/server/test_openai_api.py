@@ -470,7 +470,7 @@ def test_prefix_cache_metrics(server, client):
 
 
 def test_spec_decoding_metrics(server, monkeypatch):
-    from fp4serve.spec.metrics import SpecDecodingStats
+    from fp4serve.spec_decode.metrics import SpecDecodingStats
 
     spec = SpecDecodingStats(num_speculative_tokens=3)
     spec.observe(3, 2)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from fp4serve.spec.ngram import NgramProposer
+from fp4serve.spec_decode.ngram import NgramProposer
 
 
 def brute_force(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from fp4serve.errors import ConfigError
-from fp4serve.spec.config import parse_speculative_config
+from fp4serve.spec_decode.config import parse_speculative_config
 
 TARGET = SimpleNamespace(hidden_size=64, num_hidden_layers=4, mtp_num_hidden_layers=1)
 

@@ -8,7 +8,7 @@ import torch
 from test_sampler import chi_square_p_value, row
 
 from fp4serve.engine.sampler import apply_logits_processors, sample
-from fp4serve.spec.verify import verify
+from fp4serve.spec_decode.verify import verify
 
 V = 32
 

@@ -13,7 +13,7 @@ import torch
 from fp4serve.engine.runner import token_slice
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.models.mtp import Qwen3_5MTP, iter_mtp_tensors
-from fp4serve.spec.proposer import committed_rows
+from fp4serve.spec_decode.proposer import committed_rows
 
 
 class MTPProposer:

@@ -11,7 +11,7 @@ import torch
 
 from fp4serve.engine.runner import token_slice
 from fp4serve.models.dflash import DFlashDraftModel, TargetFeatureCapture
-from fp4serve.spec.proposer import committed_rows
+from fp4serve.spec_decode.proposer import committed_rows
 
 
 class DFlashProposer:

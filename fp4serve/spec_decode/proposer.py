@@ -5,18 +5,18 @@ requests whose next step is a decode (`limits[i]` drafts at most). Model drafter
 they write entries for the step's committed tokens only (`committed_rows`)."""
 from __future__ import annotations
 
-from fp4serve.spec.config import SpeculativeConfig
-from fp4serve.spec.ngram import NgramProposer
+from fp4serve.spec_decode.config import SpeculativeConfig
+from fp4serve.spec_decode.ngram import NgramProposer
 
 
 def make_proposer(config: SpeculativeConfig, engine):
     if config.method == "ngram":
         return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "mtp":
-        from fp4serve.spec.mtp import MTPProposer
+        from fp4serve.spec_decode.mtp import MTPProposer
 
         return MTPProposer(config, engine)
-    from fp4serve.spec.dflash import DFlashProposer
+    from fp4serve.spec_decode.dflash import DFlashProposer
 
     return DFlashProposer(config, engine)
 
