@@ -1,9 +1,45 @@
-"""ForwardBatch: the flat tensors one model forward needs. Built by engine/runner.py, read by layers."""
+"""ForwardBatch: the flat tensors one model forward needs, built by `build_batch` from one
+`SequenceRows` per sequence (the runner, the drafters, quality eval and the tests all build them
+this way), read by the layers. `StepCaptures` is what layers hand back from that forward."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(frozen=True)
+class SequenceRows:
+    """One sequence's rows in a forward: `token_ids` at positions start, start + 1, ...; the tokens
+    before `start` are already in the caches. block_ids[j] holds positions j*block_size ..; the
+    last `num_drafts` tokens are drafts to verify."""
+
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+    state_slot: int = 0  # the sequence's GDN state slot
+    num_drafts: int = 0
+
+
+@dataclass
+class VerifiedStates:
+    """A GDN layer's record of one verified sequence: what restoring to any accepted prefix needs."""
+
+    slot: int
+    conv_inputs: torch.Tensor  # [K-1+T, C]: the conv window before the step, then the step's inputs
+    states: torch.Tensor  # [T, Hv, dk, dv] fp32: the recurrent state after each of the T tokens
+
+
+@dataclass
+class StepCaptures:
+    """What layers hand back from one forward, besides its output: created with the batch, so it
+    lives exactly as long as the step (nothing is left on modules for another file to read)."""
+
+    # hidden-state taps the caller asked for (layer index -> [T, H]); see ForwardBatch.capture_layers
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # per GDN layer, per verified sequence (index into the batch)
+    verified: dict[object, dict[int, VerifiedStates]] = field(default_factory=dict)
 
 
 @dataclass
@@ -17,13 +53,21 @@ class ForwardBatch:
     query_lens: list[int]  # tokens scheduled this step, per sequence
     num_computed: list[int]  # tokens already in the caches before this step, per sequence
     slot_mapping: torch.Tensor  # [T] long, KV slot (block * block_size + offset) of each token
-    block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0
+    block_tables: torch.Tensor  # [B, max_blocks] long, padded
     context_lens: torch.Tensor  # [B] long, num_computed + query_len
     state_slots: torch.Tensor  # [B] long, GDN state slot of each sequence
     block_size: int
     # Draft tokens at the end of each sequence's rows (speculative verification): layers with
-    # recurrent state keep the state after each of them, so a partial acceptance can be restored.
+    # recurrent state keep the state after each of them in `captures`, so a partial acceptance
+    # can be restored.
     num_drafts: list[int] | None = None
+    block_ids: list[list[int]] | None = None  # the unpadded block tables, per sequence
+    # Decoder layers whose output the model keeps in captures.hidden (a drafter's target features;
+    # the last layer's entry is taken after the final norm, as transformers reports it).
+    capture_layers: tuple[int, ...] = ()
+    # Set the K/V scales of a quantized KV cache from this forward's amax (--calculate-kv-scales).
+    calibrate_kv_scales: bool = False
+    captures: StepCaptures = field(default_factory=StepCaptures)
 
     def __post_init__(self):
         starts = [0]
@@ -49,3 +93,45 @@ class ForwardBatch:
 
     def seq_rows(self, i: int) -> slice:
         return slice(self.query_start[i], self.query_start[i + 1])
+
+
+def build_batch(
+    seqs: Sequence[SequenceRows],
+    block_size: int,
+    device: torch.device | str | None = None,
+    pad_block: int = 0,
+    **options,
+) -> ForwardBatch:
+    """The ForwardBatch of `seqs`: positions, KV slots and context lengths follow from each
+    sequence's start, tokens and blocks. pad_block fills the block table past a sequence's own
+    blocks (never read: attention stops at context_lens). options: capture_layers,
+    calibrate_kv_scales."""
+    ids, positions, slots = [], [], []
+    for seq in seqs:
+        end = seq.start + len(seq.token_ids)
+        if -(-end // block_size) > len(seq.block_ids):
+            raise ValueError(f"{len(seq.block_ids)} KV blocks of {block_size} cannot hold positions up to {end - 1}")
+        ids += seq.token_ids
+        positions += range(seq.start, end)
+        blocks = seq.block_ids
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(seq.start, end)]
+    width = max(len(s.block_ids) for s in seqs)
+    table = [s.block_ids + [pad_block] * (width - len(s.block_ids)) for s in seqs]
+
+    def tensor(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return ForwardBatch(
+        input_ids=tensor(ids),
+        positions=tensor(positions),
+        query_lens=[len(s.token_ids) for s in seqs],
+        num_computed=[s.start for s in seqs],
+        slot_mapping=tensor(slots),
+        block_tables=tensor(table),
+        context_lens=tensor([s.start + len(s.token_ids) for s in seqs]),
+        state_slots=tensor([s.state_slot for s in seqs]),
+        block_size=block_size,
+        num_drafts=[s.num_drafts for s in seqs],
+        block_ids=[s.block_ids for s in seqs],
+        **options,
+    )

@@ -94,23 +94,10 @@ def smollm2_path(tmp_path_factory) -> Path:
     return default_model_path()
 
 
-def paged_batch(shapes, tables, slot_mapping, ctx_lens, block_size):
+def paged_batch(shapes, tables, block_size):
     """A ForwardBatch over paged KV for sequences (num_computed, query_len) with their block tables.
     Tables are padded with a block of the first sequence: padding must never be read as context."""
-    from fp4serve.forward_batch import ForwardBatch
+    from fp4serve.forward_batch import SequenceRows, build_batch
 
-    table = torch.full((len(shapes), max(len(t) for t in tables)), tables[0][0], dtype=torch.long)
-    for i, t in enumerate(tables):
-        table[i, : len(t)] = torch.tensor(t)
-    T = sum(q for _, q in shapes)
-    return ForwardBatch(
-        input_ids=torch.zeros(T, dtype=torch.long),
-        positions=torch.cat([torch.arange(c, c + q) for c, q in shapes]),
-        query_lens=[q for _, q in shapes],
-        num_computed=[c for c, _ in shapes],
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-        block_tables=table,
-        context_lens=torch.tensor(ctx_lens, dtype=torch.long),
-        state_slots=torch.zeros(len(shapes), dtype=torch.long),
-        block_size=block_size,
-    )
+    seqs = [SequenceRows([0] * q, c, list(t)) for (c, q), t in zip(shapes, tables)]
+    return build_batch(seqs, block_size, pad_block=tables[0][0])

@@ -1,9 +1,8 @@
 """Allocates every cache a model declares: KV blocks for attention layers from one memory budget,
-and GDN state slots (one per concurrent sequence) for recurrent layers. Sets up the K/V scales of
-an fp8 or nvfp4 KV cache (checkpoint, 1.0 default, or calibration on the first prefill)."""
+and GDN state slots (one per concurrent sequence) for recurrent layers. Where the K/V scales of a
+quantized cache come from is models/kv_scales.py's business."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy
@@ -13,8 +12,6 @@ from fp4serve.errors import ConfigError
 from fp4serve.layers.attention import PagedAttention
 from fp4serve.layers.cache_spec import KVCacheSpec, StateSpec
 from fp4serve.layers.kv_quant import KVCacheFormat
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,32 +96,3 @@ def allocate_caches(
     return CacheCapacity(
         num_blocks, block_size, kv_per_token, state_bytes, num_state_slots, kv_format, baseline, baseline_tokens
     )
-
-
-def setup_kv_scales(layers, kv_format: KVCacheFormat, calculate: bool) -> str:
-    """Decides where each attention layer's k_scale / v_scale come from and returns that source in
-    words for the start log: --calculate-kv-scales (amax on the first prefill) over the checkpoint's
-    tensors over 1.0. A 16/32-bit cache uses no scales."""
-    kv_layers = [m for m in layers if isinstance(m, PagedAttention)]
-    loaded = sum(m.loaded_scales == {"k", "v"} for m in kv_layers)
-    if not kv_format.quantized:
-        return "none" + (f" (the checkpoint's k/v scales of {loaded} layers are unused)" if loaded else "")
-    if calculate:
-        for m in kv_layers:
-            m.calibrate_kv_scales = True
-        rule = "amax/448" if kv_format.name == "fp8_e4m3" else "amax/(6*448)"
-        overrides = f"; overrides the checkpoint's scales of {loaded} layers" if loaded else ""
-        return f"calibrated per layer on the first prefill ({rule}, --calculate-kv-scales{overrides})"
-    partial = [m for m in kv_layers if m.loaded_scales and m.loaded_scales != {"k", "v"}]
-    if partial:
-        log.warning("%d attention layers have only one of k_scale/v_scale in the checkpoint; the other is 1.0", len(partial))
-    if loaded == len(kv_layers):
-        return f"from the checkpoint ({loaded} layers)"
-    if kv_format.name == "fp8_e4m3":
-        log.warning(
-            "fp8 KV cache: %d of %d attention layers have no k_scale/v_scale in the checkpoint and use 1.0 "
-            "(|values| beyond 448 saturate); --calculate-kv-scales calibrates them on the first prefill",
-            len(kv_layers) - loaded, len(kv_layers),
-        )  # fmt: skip
-    what = "1.0" if kv_format.name == "fp8_e4m3" else "global scale 1.0 (the per-16 E4M3 block scales carry the range)"
-    return f"{what} for {len(kv_layers) - loaded} layers" + (f", from the checkpoint for {loaded}" if loaded else "")

@@ -9,23 +9,25 @@ import torch
 
 from fp4serve.config import EngineConfig, ModelInfo
 from fp4serve.engine.block_pool import BlockPool
-from fp4serve.engine.cache import allocate_caches, setup_kv_scales
+from fp4serve.engine.cache import allocate_caches
 from fp4serve.engine.detokenizer import IncrementalDetokenizer
 from fp4serve.engine.request import Request, RequestStatus
-from fp4serve.engine.runner import ModelRunner
+from fp4serve.engine.runner import ModelRunner, StepOutput
 from fp4serve.engine.sampler import SamplingRow, sample
-from fp4serve.engine.scheduler import Scheduler
+from fp4serve.engine.scheduler import Scheduler, SchedulerPlan
 from fp4serve.engine.stats import EngineStats, PhaseTimer
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.kernels.cpu_features import cpu_features
 from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.layers.kv_quant import resolve_kv_cache_format
+from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sampling_params import SamplingParams
 from fp4serve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from fp4serve.spec_decode.metrics import SpecDecodingLogger, SpecDecodingStats
+from fp4serve.spec_decode.proposer import CommittedStep, Proposer, make_proposer
 from fp4serve.spec_decode.verify import verify
 from fp4serve.tokenizer import NoTokenizer, eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
 
@@ -90,13 +92,14 @@ class LLMEngine:
                 f"with chunked prefill disabled, --max-num-batched-tokens ({config.max_num_batched_tokens}) must be "
                 f">= --max-model-len ({self.max_model_len}), or a long prompt could never be scheduled"
             )
+        self.kv_format = resolve_kv_cache_format(config.kv_cache_dtype, self.dtype)
+        calibrate_kv_scales = config.calculate_kv_scales and self.kv_format.quantized
         # Speculative decoding: counters read by the server's /metrics and LLM.get_metrics().
         self.spec_stats: SpecDecodingStats | None = None
-        self.proposer = None
+        self.proposer: Proposer | None = None
         if self.spec_config is not None:
-            from fp4serve.spec_decode.proposer import make_proposer
-
-            self.proposer = make_proposer(self.spec_config, self)  # before the caches: drafters have KV too
+            # before the caches: drafters have KV too
+            self.proposer = make_proposer(self.spec_config, self.model, calibrate_kv_scales)
             self.spec_stats = SpecDecodingStats(self.spec_config.num_speculative_tokens)
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
@@ -104,7 +107,8 @@ class LLMEngine:
         self._init_caches()
         phases.done("caches")
         log.info("engine start-up: %s", phases)
-        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        capture_layers = self.proposer.capture_layers if self.proposer else ()
+        self.runner = ModelRunner(self.model, config.block_size, self.device, capture_layers, calibrate_kv_scales)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompts: dict[str, str | None] = {}
@@ -114,10 +118,10 @@ class LLMEngine:
     def _init_caches(self) -> None:
         config = self.config
         layers = self.model.cache_layers()
-        if self.proposer is not None and hasattr(self.proposer, "cache_layers"):
+        if self.proposer is not None:
             layers += self.proposer.cache_layers()  # drafter KV: same blocks and block tables as the target's
         hybrid = any(isinstance(m.cache_spec(), StateSpec) for m in layers)
-        kv_format = resolve_kv_cache_format(config.kv_cache_dtype, self.dtype)
+        kv_format = self.kv_format
         # No more KV than the scheduler can fill: every sequence at max_model_len, plus room for
         # the drafts a step verifies beyond it and a partial last block.
         lookahead = (self.spec_config.num_speculative_tokens + 1 if self.spec_config else 0) + config.block_size
@@ -125,7 +129,7 @@ class LLMEngine:
             layers, config.max_num_seqs if hybrid else 0, config.kv_cache_memory, config.block_size, kv_format,
             self.device, self.dtype, max_tokens=config.max_num_seqs * (self.max_model_len + lookahead),
         )  # fmt: skip
-        scales = setup_kv_scales(layers, kv_format, config.calculate_kv_scales)
+        scales = kv_scale_source(layers, kv_format, config.calculate_kv_scales)
         declared = self.info.quant.kv_cache_algo if self.info.quant else None
         if declared and not kv_format.quantized:
             log.info("the checkpoint declares a %s KV cache; --kv-cache-dtype %s keeps K/V in %s (pass --kv-cache-dtype %s to use it)",
@@ -241,7 +245,7 @@ class LLMEngine:
             for i, draft, accepted in zip(step.sample_rows, drafts, verified.num_accepted):
                 num_accepted[i] = accepted
                 self.spec_stats.observe(len(draft), accepted)
-            self.runner.keep_accepted_state(plan, num_accepted)
+            self.runner.keep_accepted_state(step, num_accepted)
         for i, tokens in zip(step.sample_rows, token_lists):
             new_tokens[i] = tokens
         before = {r.request_id: len(r.output_token_ids) for r in requests}
@@ -256,10 +260,10 @@ class LLMEngine:
             self._spec_logger.maybe_log()
         return outputs
 
-    def _propose(self, plan, step, num_accepted: list[int]) -> None:
+    def _propose(self, plan: SchedulerPlan, step: StepOutput, num_accepted: list[int]) -> None:
         """Draft tokens for every running request whose next step is a decode (all its tokens but
         the last computed), at most as many as its remaining length allows. Model drafters also
-        see the whole step (plan, runner output, accepted counts) to keep their own caches."""
+        read the committed rows of the step to keep their own caches."""
         requests, limits = [], []
         for item in plan.scheduled:
             request = item.request
@@ -270,7 +274,15 @@ class LLMEngine:
                 limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
             requests.append(request)
             limits.append(max(limit, 0))
-        drafts = self.proposer.propose(requests, limits, plan, step, num_accepted)
+        # Rows of requests still running whose tokens are now committed (a prefill chunk's, or a
+        # verified request's last token and accepted drafts); finished requests' blocks are free.
+        rows = [
+            (item.request, i, item.num_tokens - item.num_drafts + num_accepted[i])
+            for i, item in enumerate(plan.scheduled)
+            if not item.request.status.finished
+        ]
+        committed = CommittedStep(step.batch, step.hidden, step.captures, rows)
+        drafts = self.proposer.propose(requests, limits, committed, self.scheduler.reserve)
         for request, draft in zip(requests, drafts):
             request.draft_token_ids = draft
 

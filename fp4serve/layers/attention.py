@@ -125,7 +125,8 @@ class PagedAttention(nn.Module):
     """Writes this step's K/V into the layer's cache, then attends over everything cached.
 
     k_scale / v_scale are the per-tensor scales of an fp8 or nvfp4 cache: 1.0 by default, set by
-    `load_kv_scale` from a checkpoint, or calibrated on the first forward (`calibrate_kv_scales`)."""
+    `load_kv_scale` from a checkpoint, or from the amax of a forward whose batch asks for it
+    (`ForwardBatch.calibrate_kv_scales`: the engine's first, with --calculate-kv-scales)."""
 
     def __init__(
         self,
@@ -150,7 +151,6 @@ class PagedAttention(nn.Module):
         self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.loaded_scales: set[str] = set()  # "k", "v": the scales a checkpoint provided
-        self.calibrate_kv_scales = False
         self.kv: KVQuant | None = None
 
     def cache_spec(self) -> KVCacheSpec:
@@ -172,10 +172,9 @@ class PagedAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.calibrate_kv_scales:  # vLLM's --calculate-kv-scales: once, on the first prefill
+        if batch.calibrate_kv_scales:
             self.k_scale.copy_(self.kv.format.scale_for_amax(k.abs().amax()))
             self.v_scale.copy_(self.kv.format.scale_for_amax(v.abs().amax()))
-            self.calibrate_kv_scales = False
         k_stored, v_stored = write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping, self.kv)
         out = paged_attention(
             q, k_stored, v_stored, self.k_cache, self.v_cache, batch, self.scale, self.causal, self.sliding_window, self.kv

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import ForwardBatch, VerifiedStates
 from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.layers.linear import Linear
 
@@ -199,9 +199,6 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_dim, hidden_size, dtype=dtype, prefix=f"{prefix}.out_proj")
         self.conv_state: torch.Tensor | None = None  # bound by the engine: [slots, K-1, conv_dim]
         self.recurrent_state: torch.Tensor | None = None  # [slots, Hv, dk, dv] fp32
-        # The last step's verified sequences: index -> (slot, conv inputs [K-1+T, C], states [T, Hv, dk, dv]).
-        # Scratch for this step only (not per slot): memory for the sequences that verify, when they do.
-        self.verified: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def cache_spec(self) -> StateSpec:
         return StateSpec((
@@ -222,14 +219,13 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32, or fp16 A would overflow
         core = x.new_empty(T, self.num_v_heads, self.head_v_dim)
         drafts = batch.num_drafts or [0] * batch.num_seqs
-        self.verified = {}
         decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
         if decode:
             rows = torch.tensor([batch.query_start[i] for i in decode], device=x.device)
             out = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], batch, decode, chunked=False)
             core[rows] = out[:, 0]
-        # Verification rows (last token + drafts): token by token, keeping the state after each,
-        # batched over the sequences that verify the same number of tokens.
+        # Verification rows (last token + drafts): token by token, keeping the state after each in
+        # batch.captures (for restore_verified), batched over the sequences that verify as many tokens.
         by_length: dict[int, list[int]] = {}
         for i, n in enumerate(batch.query_lens):
             if n != 1 and drafts[i]:
@@ -254,7 +250,8 @@ class GatedDeltaNet(nn.Module):
     ) -> torch.Tensor:
         """Conv + delta rule for sequences `seqs`, inputs [B, T, ...] (B = len(seqs)): reads their
         slots (zeros for fresh sequences, whose slot may hold a previous owner's state), writes the
-        final window and state back (and, with keep_states, what restore_verified needs).
+        final window and state back (and, with keep_states, what restore_verified needs, into
+        batch.captures.verified).
         Returns [B, T, Hv, dv] in the model dtype."""
         slots = batch.state_slots[seqs]
         fresh = [batch.num_computed[i] == 0 for i in seqs]
@@ -273,21 +270,22 @@ class GatedDeltaNet(nn.Module):
             states = q.new_empty(B, T, self.num_v_heads, self.head_k_dim, self.head_v_dim) if keep_states else None
             out, state = recurrent_gated_delta_rule(q, k, v, g, beta, state, states_out=states)
             if keep_states:
+                verified = batch.captures.verified.setdefault(self, {})
                 for b, i in enumerate(seqs):
-                    self.verified[i] = (int(slots[b]), conv_inputs[b], states[b])
+                    verified[i] = VerifiedStates(int(slots[b]), conv_inputs[b], states[b])
         self.conv_state[slots] = window.to(self.conv_state.dtype)
         self.recurrent_state[slots] = state
         return out.to(qkv.dtype)
 
-    def restore_verified(self, kept: dict[int, int]) -> None:
+    def restore_verified(self, verified: dict[int, VerifiedStates], kept: dict[int, int]) -> None:
         """Put back the state after the first kept[i] tokens of verified sequence i (the last
-        token and the accepted drafts): exactly the state had the rejected drafts never been seen."""
+        token and the accepted drafts): exactly the state had the rejected drafts never been seen.
+        `verified` is this layer's entry of the step's captures."""
         K = self.conv_kernel
         for i, n in kept.items():
-            slot, conv_inputs, states = self.verified[i]
-            self.conv_state[slot] = conv_inputs[n : n + K - 1].to(self.conv_state.dtype)
-            self.recurrent_state[slot] = states[n - 1]
-        self.verified = {}
+            record = verified[i]
+            self.conv_state[record.slot] = record.conv_inputs[n : n + K - 1].to(self.conv_state.dtype)
+            self.recurrent_state[record.slot] = record.states[n - 1]
 
     @staticmethod
     def _read(cache: torch.Tensor, slots: torch.Tensor, fresh: list[bool]) -> torch.Tensor:

@@ -61,3 +61,17 @@ class CausalLM(nn.Module):
     def cache_layers(self) -> list[nn.Module]:
         """Modules that need engine-allocated cache (attention KV, GDN state), in model order."""
         return [m for m in self.modules() if hasattr(m, "cache_spec")]
+
+
+def run_decoder(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """The decoder layers, then the final norm, keeping in batch.captures.hidden the output of each
+    layer batch.capture_layers names (the last layer's after the norm, as transformers reports it)."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        x = layer(x, batch)
+        if i in batch.capture_layers and i != last:
+            batch.captures.hidden[i] = x
+    x = norm(x)
+    if last in batch.capture_layers:
+        batch.captures.hidden[last] = x
+    return x

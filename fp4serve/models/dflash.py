@@ -17,10 +17,10 @@ past the committed length is overwritten before it is read (reads stop at P). Ma
 predicts the token at its own position P + c: argmax(lm_head(norm(h)) * output_multiplier, softcap).
 
 Use (the engine allocates the KV of `cache_layers()` from the same pool and block tables as the
-target; the runner captures features with TargetFeatureCapture while the target runs):
+target; the target's forward keeps the layer outputs its batch's capture_layers names):
     drafter = DFlashDraftModel.load(drafter_dir, target, dtype)
-    capture = TargetFeatureCapture(target, drafter.target_layer_ids)
-    hidden = target(batch); feats = capture.features()                        # [T, n*H]
+    batch = build_batch(seqs, block_size, capture_layers=tuple(drafter.target_layer_ids))
+    hidden = target(batch); feats = target_features(batch.captures, drafter.target_layer_ids)  # [T, n*H]
     drafter.write_context(feats[rows], batch.positions[rows], batch.slot_mapping[rows])  # committed rows
     drafts = drafter.propose(last_tokens, num_committed, block_tables)        # [N, B-1]
 """
@@ -36,6 +36,7 @@ from torch import nn
 from fp4serve.errors import CheckpointError, ConfigError, UnsupportedModelError
 from fp4serve.formats.safetensors_io import iter_tensors
 from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
+from fp4serve.forward_batch import StepCaptures
 from fp4serve.layers.cache_spec import KVCacheSpec
 from fp4serve.layers.linear import Linear
 from fp4serve.layers.norm import RMSNorm
@@ -169,7 +170,7 @@ class DFlashDraftModel(nn.Module):
         self.block_size = int(draft_value(config, "block_size", 16))
         self.mask_token_id = draft_value(config, "mask_token_id")
         layer_ids = draft_value(config, "target_layer_ids")
-        num_target_layers = int(getattr(config, "num_target_layers", None) or target.config.num_hidden_layers)
+        num_target_layers = int(draft_value(config, "num_target_layers") or target.config.num_hidden_layers)
         self.target_layer_ids = list(layer_ids or default_target_layer_ids(num_target_layers, config.num_hidden_layers))
         self.embedding_scale = float(draft_value(config, "input_embedding_scale", 1.0))
         self.output_multiplier = float(draft_value(config, "output_multiplier", 1.0))
@@ -187,8 +188,7 @@ class DFlashDraftModel(nn.Module):
     def load(cls, path: str | Path, target, dtype: torch.dtype) -> DFlashDraftModel:
         """Read a z-lab drafter directory, check it fits `target`, build, load strictly, pack for
         oneDNN where the target's linears are packed."""
-        config = read_config(Path(path))
-        check_fits_target(config, target.config)
+        config = check_drafter(Path(path), target.config)
         model = cls(config, target, dtype)
         model.load_weights(iter_tensors(path))
         if packing_available(dtype, target.model.embed_tokens.weight.device):
@@ -233,33 +233,20 @@ class DFlashDraftModel(nn.Module):
         return self.compute_logits(self(last_tokens, context_lens, block_tables)[:, 1:]).argmax(dim=-1)
 
 
-class TargetFeatureCapture:
-    """Forward hooks that keep, from the target's last forward, transformers' hidden_states[id + 1]
-    for each id of `layer_ids`: the output of decoder layer id (the residual stream), except for the
-    last layer, whose entry transformers reports after the final norm. features() concatenates them
-    [T, n*H] in `layer_ids` order."""
+def target_features(captures: StepCaptures, layer_ids: list[int]) -> torch.Tensor:
+    """The drafter's context input [T, n*H]: the target's outputs of decoder layers `layer_ids`
+    (transformers' hidden_states[id + 1]; the last layer's after the final norm), in that order,
+    from a forward whose batch had capture_layers=layer_ids."""
+    return torch.cat([captures.hidden[i] for i in layer_ids], dim=-1)
 
-    def __init__(self, target, layer_ids: list[int]):
-        self.layer_ids = list(layer_ids)
-        self.outputs: dict[int, torch.Tensor] = {}
-        layers = target.model.layers
-        self.handles = [
-            (target.model.norm if i == len(layers) - 1 else layers[i]).register_forward_hook(self._hook(i))
-            for i in sorted(set(self.layer_ids))
-        ]
 
-    def _hook(self, index: int):
-        def keep(module, args, output):
-            self.outputs[index] = output
-
-        return keep
-
-    def features(self) -> torch.Tensor:
-        return torch.cat([self.outputs[i] for i in self.layer_ids], dim=-1)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def check_drafter(path: Path, target_config):
+    """The one check of a drafter directory, run by --speculative-config at start and by load: the
+    config as a transformers Qwen3Config (extra keys such as dflash_config kept), or an error
+    naming what does not fit the target."""
+    config = read_config(path)
+    check_fits_target(config, target_config)
+    return config
 
 
 def read_config(path: Path):
@@ -269,7 +256,7 @@ def read_config(path: Path):
 
     file = path / "config.json"
     if not file.exists():
-        raise CheckpointError(f"{path} is not a DFlash drafter directory (no config.json)")
+        raise CheckpointError(f"{path} has no config.json: it is not a DFlash drafter directory")
     try:
         raw = json.loads(file.read_text())
         config = Qwen3Config.from_dict(raw)
@@ -278,7 +265,7 @@ def read_config(path: Path):
     architectures = raw.get("architectures") or []
     if "DFlashDraftModel" not in architectures:
         raise UnsupportedModelError(
-            f"{file}: architectures {architectures}; only z-lab's DFlashDraftModel drafters are supported"
+            f"{path} is not a DFlash drafter: architectures {architectures}; only z-lab's DFlashDraftModel is supported"
         )
     if draft_value(config, "mask_token_id") is None:
         raise CheckpointError(f"{file}: no mask_token_id (dflash_config.mask_token_id)")
@@ -292,14 +279,14 @@ def check_fits_target(config, target_config) -> None:
     num_layers = target_config.num_hidden_layers
     problems = []
     if config.hidden_size != target_config.hidden_size:
-        problems.append(f"hidden_size {config.hidden_size} != the target's {target_config.hidden_size}")
-    declared = getattr(config, "num_target_layers", None)
+        problems.append(f"hidden size {config.hidden_size} does not fit the target's {target_config.hidden_size} (hidden_size)")
+    declared = draft_value(config, "num_target_layers")
     if declared is not None and declared != num_layers:
-        problems.append(f"num_target_layers {declared} != the target's {num_layers} layers")
+        problems.append(f"num_target_layers {declared}: trained for a {declared}-layer target; this one has {num_layers}")
     layer_ids = draft_value(config, "target_layer_ids") or []
     outside = [i for i in layer_ids if not 0 <= int(i) < num_layers]
     if outside:
-        problems.append(f"target_layer_ids {outside} outside the target's layers 0..{num_layers - 1}")
+        problems.append(f"target_layer_ids {outside} outside the target's {num_layers} layers (0..{num_layers - 1})")
     mask = draft_value(config, "mask_token_id")
     if not 0 <= int(mask) < target_config.vocab_size:
         problems.append(f"mask_token_id {mask} outside the target's vocabulary of {target_config.vocab_size}")

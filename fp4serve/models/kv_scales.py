@@ -1,4 +1,5 @@
-"""Per-layer K/V cache scales stored in quantized checkpoints, routed to the attention layers.
+"""K/V cache scales: the per-layer scales stored in quantized checkpoints, routed to the attention
+layers, and the one policy for where a quantized cache's scales come from (`kv_scale_source`).
 
 The names are the ones vLLM reads (model_loader/weight_utils.py, maybe_remap_kv_scale_name):
 compressed-tensors puts `k_scale` / `v_scale` on the attention module (`...self_attn.k_scale`),
@@ -11,6 +12,7 @@ passed on, and the strict loader reports it as unexpected.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -18,7 +20,10 @@ from torch import nn
 
 from fp4serve.errors import CheckpointError
 from fp4serve.layers.attention import PagedAttention
+from fp4serve.layers.kv_quant import KVCacheFormat
 from fp4serve.models.weights import LoadPlan
+
+log = logging.getLogger(__name__)
 
 # checkpoint suffix -> which scales it fills; longest first so `.k_proj.k_scale` wins over `.k_scale`
 SUFFIXES = ((".k_proj.k_scale", "k"), (".v_proj.v_scale", "v"), (".k_scale", "k"), (".v_scale", "v"), (".kv_scale", "kv"))
@@ -55,3 +60,30 @@ def take_kv_scales(
             if which in layer.loaded_scales:
                 raise CheckpointError(f"{ckpt_name}: the {which}_scale of this attention layer appears twice")
             layer.load_kv_scale(which, value)
+
+
+def kv_scale_source(layers, kv_format: KVCacheFormat, calculate: bool) -> str:
+    """Where each attention layer's k_scale / v_scale come from, in words for the start log (and
+    warnings for missing ones): --calculate-kv-scales (amax of the first forward, which the runner
+    asks for) over the checkpoint's tensors over 1.0. A 16/32-bit cache uses no scales."""
+    kv_layers = [m for m in layers if isinstance(m, PagedAttention)]
+    loaded = sum(m.loaded_scales == {"k", "v"} for m in kv_layers)
+    if not kv_format.quantized:
+        return "none" + (f" (the checkpoint's k/v scales of {loaded} layers are unused)" if loaded else "")
+    if calculate:
+        rule = "amax/448" if kv_format.name == "fp8_e4m3" else "amax/(6*448)"
+        overrides = f"; overrides the checkpoint's scales of {loaded} layers" if loaded else ""
+        return f"calibrated per layer on the first prefill ({rule}, --calculate-kv-scales{overrides})"
+    partial = [m for m in kv_layers if m.loaded_scales and m.loaded_scales != {"k", "v"}]
+    if partial:
+        log.warning("%d attention layers have only one of k_scale/v_scale in the checkpoint; the other is 1.0", len(partial))
+    if loaded == len(kv_layers):
+        return f"from the checkpoint ({loaded} layers)"
+    if kv_format.name == "fp8_e4m3":
+        log.warning(
+            "fp8 KV cache: %d of %d attention layers have no k_scale/v_scale in the checkpoint and use 1.0 "
+            "(|values| beyond 448 saturate); --calculate-kv-scales calibrates them on the first prefill",
+            len(kv_layers) - loaded, len(kv_layers),
+        )  # fmt: skip
+    what = "1.0" if kv_format.name == "fp8_e4m3" else "global scale 1.0 (the per-16 E4M3 block scales carry the range)"
+    return f"{what} for {len(kv_layers) - loaded} layers" + (f", from the checkpoint for {loaded}" if loaded else "")

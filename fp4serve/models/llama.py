@@ -21,7 +21,7 @@ from fp4serve.layers.linear import Linear, PlainLinearMethod
 from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
 from fp4serve.layers.norm import RMSNorm
 from fp4serve.layers.rotary import RotaryEmbedding
-from fp4serve.models.base import CausalLM
+from fp4serve.models.base import CausalLM, run_decoder
 from fp4serve.models.weights import LoadPlan
 
 log = logging.getLogger(__name__)
@@ -122,11 +122,8 @@ class LlamaModel(nn.Module):
             else:  # each row attends causally: to its sequence's context up to its own position
                 lens = torch.tensor(batch.query_lens, device=x.device)
                 tables, context = batch.block_tables.repeat_interleave(lens, dim=0), batch.positions + 1
-            x = fused(x, batch.slot_mapping, tables, context, cos, sin).to(x.dtype)
-        else:
-            for layer in self.layers:
-                x = layer(x, batch)
-        return self.norm(x)
+            return self.norm(fused(x, batch.slot_mapping, tables, context, cos, sin).to(x.dtype))
+        return run_decoder(self.layers, self.norm, x, batch)
 
     def fused_decoder(self, batch: ForwardBatch) -> cpu_decode.FusedDecoder | None:
         """The fused C step for a batch of few tokens (decode, speculative verification, short
@@ -134,14 +131,16 @@ class LlamaModel(nn.Module):
         has bound the caches, and again if they are rebound."""
         if batch.num_tokens > FUSED_MAX_ROWS["nvfp4"] or batch.input_ids.device.type != "cpu":
             return None
+        if batch.capture_layers or batch.calibrate_kv_scales:
+            return None  # a drafter's taps on layer outputs, or KV-scale calibration: the per-layer path
         caches = [t for layer in self.layers for t in (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)]
         if any(t is None for t in caches):
             return None  # not bound yet: decide once they are
         plan = getattr(self, "_fused", None)
         if plan is None or (plan.decoder is not None and plan.decoder.cache_pointers != tuple(t.data_ptr() for t in caches)):
             plan = self._fused = FusedPlan.build(self)
-        if plan.decoder is None or batch.num_tokens > plan.max_rows or any(layer._forward_hooks for layer in self.layers):
-            return None  # forward hooks (a DFlash drafter's feature capture) need the per-layer path
+        if plan.decoder is None or batch.num_tokens > plan.max_rows:
+            return None
         return plan.decoder
 
 
@@ -208,8 +207,8 @@ class FusedPlan:
                 return "q/k norm, sliding window or partial rotary"
             if attn.attn.kv.format.quantized or attn.attn.k_cache.dtype not in (torch.float32, torch.bfloat16):
                 return "the KV cache format"
-            if attn.attn.calibrate_kv_scales or attn.attn.k_cache.device.type != "cpu":
-                return "KV scale calibration or a non-CPU cache"
+            if attn.attn.k_cache.device.type != "cpu":
+                return "a non-CPU cache"
         return None
 
 

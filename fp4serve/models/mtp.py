@@ -8,8 +8,9 @@ forward returns, as in vLLM). Embedding and lm_head are the target's own modules
 
 Positions convention (vLLM's): the row that combines h_t with token_{t+1} is at position t: its
 rotary position is t and its K/V go to the KV slot of position t, through the same block table as
-the target. So the first MTP step reuses the target step's ForwardBatch unchanged, with the ids
-shifted by one (row t gets token_{t+1}; a sequence's last row gets the token just sampled).
+the target. So the first MTP pass has the rows, positions and KV slots of the target's committed
+rows, with the ids shifted by one (row t gets token_{t+1}; a sequence's last row gets the token
+just sampled).
 Draft step j >= 2 is one row per sequence at position (last row's position) + j - 1, fed the previous
 step's output h' and draft token. Rows written at positions past the committed length are harmless:
 attention reads only positions < context_lens, and the next step's first MTP pass rewrites them.
@@ -17,7 +18,8 @@ attention reads only positions < context_lens, and the next step's first MTP pas
 Use (the engine allocates the KV of `cache_layers()` from the same pool and block tables as the
 target's attention layers; block tables must already cover (last row's position) + k - 1):
     mtp = Qwen3_5MTP.load(target, target_path)     # target: a loaded Qwen3_5*ForCausalLM (drop_mtp=True)
-    drafts = mtp.propose(batch, shifted_ids, target_hidden, k, last_rows)   # list per sequence
+    batch = build_batch([SequenceRows(ids[start + 1 : end + 1], start, block_ids), ...], block_size)
+    drafts = mtp.propose(batch, target_hidden, k)   # a list of drafts per sequence
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.safetensors_io import weight_files
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import ForwardBatch, SequenceRows, build_batch
 from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.linear import Linear
 from fp4serve.layers.moe import split_fused_experts
@@ -103,11 +105,11 @@ class Qwen3_5MTP(nn.Module):
             pack_model_linears(head)
         return head.eval()
 
-    def forward(self, batch: ForwardBatch, input_ids: torch.Tensor, target_hidden: torch.Tensor, step: int = 0):
-        """One MTP pass over the rows of `batch` (positions, KV slots, block tables):
-        input_ids [T] the token after each row's position, target_hidden [T, H] -> h' [T, H]."""
+    def forward(self, batch: ForwardBatch, target_hidden: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """One MTP pass over the rows of `batch`: batch.input_ids [T] holds the token after each
+        row's position, target_hidden [T, H] the target's hidden state at it -> h' [T, H]."""
         m = self.mtp
-        embeds = m.pre_fc_norm_embedding(self.target.embed_tokens(input_ids))
+        embeds = m.pre_fc_norm_embedding(self.target.embed_tokens(batch.input_ids))
         x = m.fc(torch.cat([embeds, m.pre_fc_norm_hidden(target_hidden)], dim=-1))
         return m.norm(m.layers[step % m.num_layers](x, batch))
 
@@ -118,43 +120,40 @@ class Qwen3_5MTP(nn.Module):
     def propose(
         self,
         batch: ForwardBatch,
-        input_ids: torch.Tensor,
         target_hidden: torch.Tensor,
         num_tokens: int | list[int],
         last_rows: list[int] | None = None,
     ) -> list[list[int]]:
-        """Greedy drafts per sequence of `batch`: num_tokens[i] of them (an int: the same for all; 0:
-        none). The first pass covers every row of `batch` (writing the MTP's K/V for all of them);
-        sequence i drafts from its row last_rows[i] (default: its last row; after a partial
-        acceptance, the last accepted one). Later passes reuse the layer on its own output, one row
-        per sequence still drafting, at the next positions of its block table."""
+        """Greedy drafts per sequence of `batch` (built by build_batch, ids shifted by one):
+        num_tokens[i] of them (an int: the same for all; 0: none). The first pass covers every row
+        of `batch` (writing the MTP's K/V for all of them); sequence i drafts from its row
+        last_rows[i] (default: its last row; after a partial acceptance, the last accepted one).
+        Later passes reuse the layer on its own output, one row per sequence still drafting, at
+        the next positions, in the sequence's own blocks (which must already cover them)."""
         n = batch.num_seqs
         counts = [num_tokens] * n if isinstance(num_tokens, int) else list(num_tokens)
         if last_rows is None:
             last_rows = [batch.query_start[i + 1] - 1 for i in range(n)]
-        hidden = self(batch, input_ids, target_hidden)
+        hidden = self(batch, target_hidden)
         drafts: list[list[int]] = [[] for _ in range(n)]
         seqs = [i for i in range(n) if counts[i] > 0]
         if not seqs:
             return drafts
-        device = input_ids.device
+        device = batch.input_ids.device
         rows = torch.tensor([last_rows[i] for i in seqs], device=device)
-        hidden, positions = hidden[rows], batch.positions[rows]
-        tokens = self.compute_logits(hidden).argmax(dim=-1)
+        hidden, positions = hidden[rows], batch.positions[rows].tolist()
+        tokens = self.compute_logits(hidden).argmax(dim=-1).tolist()
         step = 1
         while True:
-            for i, token in zip(seqs, tokens.tolist()):
+            for i, token in zip(seqs, tokens):
                 drafts[i].append(token)
             keep = [j for j, i in enumerate(seqs) if counts[i] > step]
             if not keep:
                 return drafts
-            seqs = [seqs[j] for j in keep]
-            keep_t = torch.tensor(keep, device=device)
-            positions = positions[keep_t] + 1
-            tables = batch.block_tables[torch.tensor(seqs, device=device)]
-            step_batch = one_token_batch(tables, positions, batch.block_size)
-            hidden = self(step_batch, tokens[keep_t], hidden[keep_t], step)
-            tokens = self.compute_logits(hidden).argmax(dim=-1)
+            seqs, positions = [seqs[j] for j in keep], [positions[j] + 1 for j in keep]
+            rows = [SequenceRows([tokens[j]], p, batch.block_ids[i]) for j, i, p in zip(keep, seqs, positions)]
+            hidden = self(build_batch(rows, batch.block_size, device), hidden[torch.tensor(keep, device=device)], step)
+            tokens = self.compute_logits(hidden).argmax(dim=-1).tolist()
             step += 1
 
     def cache_layers(self) -> list[nn.Module]:
@@ -178,22 +177,6 @@ def finish_linears(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Linear):
             module.method.process_weights_after_loading(module)
-
-
-def one_token_batch(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> ForwardBatch:
-    """A decode batch of one row per sequence at `positions` [N], KV slots from `block_tables` [N, W]."""
-    seqs = torch.arange(positions.shape[0], device=positions.device)
-    return ForwardBatch(
-        input_ids=positions.new_zeros(positions.shape[0]),  # the head reads ids from its caller
-        positions=positions,
-        query_lens=[1] * positions.shape[0],
-        num_computed=positions.tolist(),
-        slot_mapping=block_tables[seqs, positions // block_size] * block_size + positions % block_size,
-        block_tables=block_tables,
-        context_lens=positions + 1,
-        state_slots=torch.zeros_like(positions),
-        block_size=block_size,
-    )
 
 
 def iter_mtp_tensors(model_dir: str | Path) -> Iterable[tuple[str, torch.Tensor]]:

@@ -20,7 +20,7 @@ from fp4serve.layers.linear import Linear
 from fp4serve.layers.moe import GatedMLP, SparseMoeBlock, split_fused_experts
 from fp4serve.layers.norm import RMSNorm
 from fp4serve.layers.rotary import RotaryEmbedding
-from fp4serve.models.base import CausalLM
+from fp4serve.models.base import CausalLM, run_decoder
 from fp4serve.models.weights import LoadPlan
 
 # (our fused Linear, checkpoint module, shard). gate/up also covers the shared expert and every expert.
@@ -112,10 +112,7 @@ class Qwen3_5Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=True)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+        return run_decoder(self.layers, self.norm, self.embed_tokens(batch.input_ids), batch)
 
 
 class Qwen3_5ForCausalLM(CausalLM):

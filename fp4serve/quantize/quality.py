@@ -11,7 +11,7 @@ import torch
 from fp4serve.config import ModelInfo
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.formats.checkpoint import resolve_quantization
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import SequenceRows, build_batch
 from fp4serve.models.loader import load_model
 
 BLOCK_SIZE = 16
@@ -42,14 +42,8 @@ def load_for_eval(
 
 def sequence_logits(model, token_ids: list[int]) -> torch.Tensor:
     """fp32 logits [n, vocab] for every position of one sequence, in a single prefill."""
-    n = len(token_ids)
-    positions = torch.arange(n)
-    blocks = torch.arange((n + BLOCK_SIZE - 1) // BLOCK_SIZE)
-    batch = ForwardBatch(
-        input_ids=torch.tensor(token_ids), positions=positions, query_lens=[n], num_computed=[0],
-        slot_mapping=positions, block_tables=blocks[None], context_lens=torch.tensor([n]),
-        state_slots=torch.tensor([0]), block_size=BLOCK_SIZE,
-    )  # fmt: skip
+    blocks = list(range(-(-len(token_ids) // BLOCK_SIZE)))
+    batch = build_batch([SequenceRows(list(token_ids), 0, blocks)], BLOCK_SIZE)
     with torch.inference_mode():
         return model.compute_logits(model(batch)).float()
 

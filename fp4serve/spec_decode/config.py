@@ -6,11 +6,10 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fp4serve.errors import ConfigError
+from fp4serve.errors import ConfigError, Fp4ServeError
 
 MTP_ALIASES = ("mtp", "qwen3_5_mtp", "qwen3_next_mtp")
 METHODS = ("ngram", *MTP_ALIASES, "dflash")
@@ -79,30 +78,16 @@ def _mtp(raw: dict, k: int | None, target_path: Path, target_config) -> Speculat
 
 
 def _dflash(raw: dict, k: int | None, target_config) -> SpeculativeConfig:
+    from fp4serve.models.dflash import check_drafter, draft_value
+
     if not raw.get("model"):
         raise ConfigError("--speculative-config: method dflash needs \"model\": the drafter's directory")
     path = Path(raw["model"]).expanduser()
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ConfigError(f"--speculative-config: DFlash drafter {path} has no config.json")
     try:
-        drafter = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_file}: {e}") from e
-    if "DFlashDraftModel" not in (drafter.get("architectures") or []):
-        raise ConfigError(f"{path} is not a DFlash drafter (architectures {drafter.get('architectures')})")
-    hidden, target_hidden = drafter.get("hidden_size"), target_config.hidden_size
-    if hidden != target_hidden:
-        raise ConfigError(f"DFlash drafter {path}: hidden size {hidden} does not fit the target's {target_hidden}")
-    layers = target_config.num_hidden_layers
-    if drafter.get("num_target_layers", layers) != layers:
-        raise ConfigError(
-            f"DFlash drafter {path} was trained for a {drafter['num_target_layers']}-layer target; this one has {layers}"
-        )
-    ids = (drafter.get("dflash_config") or {}).get("target_layer_ids") or []
-    if any(not 0 <= i < layers for i in ids):
-        raise ConfigError(f"DFlash drafter {path}: target_layer_ids {ids} outside the target's {layers} layers")
-    block_size = drafter.get("block_size", 16)
+        drafter = check_drafter(path, target_config)
+    except Fp4ServeError as e:
+        raise ConfigError(f"--speculative-config: {e}") from e
+    block_size = int(draft_value(drafter, "block_size", 16))
     if k is not None and k > block_size - 1:
         raise ConfigError(f"DFlash drafter {path}: num_speculative_tokens {k} exceeds block_size - 1 = {block_size - 1}")
     return SpeculativeConfig("dflash", k or block_size - 1, model=path)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from fp4serve.spec_decode.proposer import CommittedStep, Proposer, Reserve
 
-class NgramProposer:
+
+class NgramProposer(Proposer):
     def __init__(self, k: int, min_n: int, max_n: int, max_window: int = 4096):
         self.k, self.min_n, self.max_n, self.max_window = k, min_n, max_n, max_window
 
-    def propose(self, requests, limits: list[int], plan=None, step=None, num_accepted=None) -> list[list[int]]:
-        """The engine's proposer call: drafts for each request, at most limits[i] tokens."""
+    def propose(self, requests, limits: list[int], committed: CommittedStep, reserve: Reserve) -> list[list[int]]:
+        """Drafts from each request's own tokens; the step's tensors are not needed."""
         return [self.lookup(r.all_token_ids, k) for r, k in zip(requests, limits)]
 
     def lookup(self, token_ids: list[int], k: int | None = None) -> list[int]:

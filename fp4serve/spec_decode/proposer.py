@@ -1,34 +1,64 @@
-"""Pick the proposer for a speculative config. Every proposer has one call,
-propose(requests, limits, plan, step, num_accepted) -> drafts, run after each step's commit for the
-requests whose next step is a decode (`limits[i]` drafts at most). Model drafters also get the step
-(plan, the runner's StepOutput and each scheduled request's accepted count) to keep their caches:
-they write entries for the step's committed tokens only (`committed_rows`)."""
+"""The Proposer interface, what a proposer sees of a step, and the factory.
+
+After each step's commit the engine calls propose(requests, limits, committed, reserve) for the
+requests whose next step is a decode (`limits[i]` drafts at most). Model drafters keep their own
+KV for the target's committed tokens, read from `committed` (never the rejected drafts' rows), and
+may ask for blocks ahead of the next step through `reserve`. Nothing here imports the engine: it
+hands proposers exactly these objects."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fp4serve.forward_batch import ForwardBatch, StepCaptures
 from fp4serve.spec_decode.config import SpeculativeConfig
-from fp4serve.spec_decode.ngram import NgramProposer
+
+# reserve(request, num_tokens) -> True once the request's blocks cover num_tokens positions;
+# False, holding nothing new, when the pool has no blocks for it.
+Reserve = Callable[[object, int], bool]
 
 
-def make_proposer(config: SpeculativeConfig, engine):
+@dataclass
+class CommittedStep:
+    """The target's step just committed, as drafters read it."""
+
+    batch: ForwardBatch  # what the target ran
+    hidden: torch.Tensor  # [T, H] its final hidden states, every row
+    captures: StepCaptures  # the layer outputs Proposer.capture_layers asked for
+    # (request, its sequence index in batch, leading rows now committed) for each scheduled request
+    # still running: a prefill chunk's rows, or a verified request's last token and accepted drafts.
+    rows: list[tuple[object, int, int]]
+
+
+class Proposer(ABC):
+    # Target decoder layers whose outputs propose() reads from committed.captures.hidden.
+    capture_layers: tuple[int, ...] = ()
+
+    def cache_layers(self) -> list[nn.Module]:
+        """The drafter's attention layers: their KV shares the target's blocks and block tables."""
+        return []
+
+    @abstractmethod
+    def propose(self, requests: list, limits: list[int], committed: CommittedStep, reserve: Reserve) -> list[list[int]]:
+        """Up to limits[i] draft tokens for requests[i]."""
+
+
+def make_proposer(config: SpeculativeConfig, target: nn.Module, calibrate_kv_scales: bool) -> Proposer:
+    """target: the loaded target model (drafters share its embedding and lm_head).
+    calibrate_kv_scales: a drafter with a quantized KV cache calibrates on its own first forward."""
     if config.method == "ngram":
+        from fp4serve.spec_decode.ngram import NgramProposer
+
         return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "mtp":
         from fp4serve.spec_decode.mtp import MTPProposer
 
-        return MTPProposer(config, engine)
+        return MTPProposer(Path(config.model), target, calibrate_kv_scales)
     from fp4serve.spec_decode.dflash import DFlashProposer
 
-    return DFlashProposer(config, engine)
-
-
-def committed_rows(plan, step, num_accepted: list[int]) -> list[tuple[int, int]]:
-    """(index into plan.scheduled, number of leading rows) for every scheduled request still
-    running after the commit: the rows of the batch whose tokens are now committed (a prefill
-    chunk's rows, or a verified request's last token and accepted drafts). Rejected drafts' rows
-    and finished requests (their blocks are already free) are left out."""
-    out = []
-    for i, item in enumerate(plan.scheduled):
-        if item.request.status.finished:
-            continue
-        out.append((i, item.num_tokens - item.num_drafts + num_accepted[i]))
-    return out
+    return DFlashProposer(Path(config.model), target)

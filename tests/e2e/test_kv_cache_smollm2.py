@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fp4serve import LLM, SamplingParams
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import SequenceRows, build_batch
 
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one sentence, then name two rivers."}]
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_memory": "16MiB"}
@@ -31,17 +31,7 @@ def logits_of(llm: LLM, ids: list[int], first: int = 24, chunk: int = 8) -> torc
     out = []
     try:
         for start, end in zip(bounds, bounds[1:]):
-            batch = ForwardBatch(
-                input_ids=torch.tensor(ids[start:end]),
-                positions=torch.arange(start, end),
-                query_lens=[end - start],
-                num_computed=[start],
-                slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, end)]),
-                block_tables=torch.tensor([blocks]),
-                context_lens=torch.tensor([end]),
-                state_slots=torch.zeros(1, dtype=torch.long),
-                block_size=bs,
-            )
+            batch = build_batch([SequenceRows(ids[start:end], start, blocks)], bs)
             with torch.inference_mode():
                 out.append(model.compute_logits(model(batch)).float())
     finally:

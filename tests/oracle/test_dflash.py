@@ -21,8 +21,8 @@ from fp4serve.config import ModelInfo
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.errors import CheckpointError, ConfigError, UnsupportedModelError
 from fp4serve.formats.safetensors_io import iter_tensors
-from fp4serve.forward_batch import ForwardBatch
-from fp4serve.models.dflash import DFlashDraftModel, TargetFeatureCapture
+from fp4serve.forward_batch import SequenceRows, build_batch
+from fp4serve.models.dflash import DFlashDraftModel, target_features
 from fp4serve.models.registry import model_class
 
 ATOL = 1e-4
@@ -189,19 +189,13 @@ def test_target_features_are_layer_outputs(target):
     hf, ours = target
     allocate_caches(ours.cache_layers(), 1, 2**22, BLOCK, torch.float32, torch.device("cpu"))
     tokens = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(3))
-    positions = torch.arange(30)
-    batch = ForwardBatch(
-        input_ids=tokens, positions=positions, query_lens=[30], num_computed=[0], slot_mapping=_slots(0, positions),
-        block_tables=torch.arange(MAX_BLOCKS)[None], context_lens=torch.tensor([30]), state_slots=torch.tensor([0]),
-        block_size=BLOCK,
-    )  # fmt: skip
-    capture = TargetFeatureCapture(ours, [2, 0, 3, 2])  # 3: the last layer, reported after the final norm
+    layer_ids = [2, 0, 3, 2]  # 3: the last layer, reported after the final norm
+    batch = build_batch([SequenceRows(tokens.tolist(), 0, list(range(MAX_BLOCKS)))], BLOCK, capture_layers=tuple(layer_ids))
     with torch.inference_mode():
         ours(batch)
         ref = hf(input_ids=tokens[None], output_hidden_states=True).hidden_states
-    capture.remove()
     expected = torch.cat([ref[3][0], ref[1][0], ref[4][0], ref[3][0]], dim=-1)
-    torch.testing.assert_close(capture.features(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(target_features(batch.captures, layer_ids), expected, atol=ATOL, rtol=0)
 
 
 def test_drafter_that_does_not_fit_the_target(target, tmp_path):

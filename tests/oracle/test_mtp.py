@@ -18,7 +18,7 @@ from fp4serve.config import ModelInfo
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.safetensors_io import iter_tensors
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import ForwardBatch, SequenceRows, build_batch
 from fp4serve.models.mtp import Qwen3_5MTP, iter_mtp_tensors
 from fp4serve.models.registry import model_class
 
@@ -79,21 +79,14 @@ def reference_drafts(hf, tokens: list[int], hidden: torch.Tensor, k: int, first=
     return drafts, outs
 
 
-def make_batch(work: list[tuple[int, int, int]]) -> ForwardBatch:
-    """(slot, first position, number of rows) per sequence; slot s owns KV blocks [s*8, (s+1)*8)."""
-    positions, slots, tables = [], [], []
-    for slot, start, n in work:
-        pos = torch.arange(start, start + n)
-        table = torch.arange(slot * MAX_BLOCKS, (slot + 1) * MAX_BLOCKS)
-        positions.append(pos)
-        slots.append(table[pos // BLOCK] * BLOCK + pos % BLOCK)
-        tables.append(table)
-    return ForwardBatch(
-        input_ids=torch.zeros(sum(n for _, _, n in work), dtype=torch.long), positions=torch.cat(positions),
-        query_lens=[n for _, _, n in work], num_computed=[s for _, s, _ in work], slot_mapping=torch.cat(slots),
-        block_tables=torch.stack(tables), context_lens=torch.tensor([s + n for _, s, n in work]),
-        state_slots=torch.tensor([slot for slot, _, _ in work]), block_size=BLOCK,
-    )  # fmt: skip
+def make_batch(work: list[tuple[int, int, int]], ids: list[list[int]]) -> ForwardBatch:
+    """(slot, first position, number of rows) per sequence and its row ids; slot s owns KV blocks
+    [s*8, (s+1)*8)."""
+    seqs = [
+        SequenceRows(list(t), start, list(range(slot * MAX_BLOCKS, (slot + 1) * MAX_BLOCKS)), slot)
+        for (slot, start, _), t in zip(work, ids)
+    ]
+    return build_batch(seqs, BLOCK)
 
 
 def test_head_layout(pair):
@@ -114,11 +107,10 @@ def test_chunked_batched_forward_matches_transformers(pair):
     got = {0: [], 1: []}
     for start in range(0, 45, 7):
         work = [(s, start, min(7, len(t) - 1 - start)) for s, t in seqs.items() if start < len(t) - 1]
-        batch = make_batch(work)
-        ids = torch.cat([torch.tensor(seqs[s][p + 1 : p + 1 + n]) for s, p, n in work])
+        batch = make_batch(work, [seqs[s][p + 1 : p + 1 + n] for s, p, n in work])
         feats = torch.cat([hidden[s][p : p + n] for s, p, n in work])
         with torch.inference_mode():
-            out = mtp(batch, ids, feats)
+            out = mtp(batch, feats)
         for i, (s, _, _) in enumerate(work):
             got[s].append(out[batch.seq_rows(i)])
     for s, tokens in seqs.items():
@@ -145,17 +137,18 @@ def test_draft_rounds_with_partial_acceptance(pair):
         work = [(s, 0, committed[s]) for s in truth]
         for round_index in range(3):
             counts = [k, round_index]  # the second sequence drafts 0, 1, 2 tokens
-            batch = make_batch(work)
-            ids, feats, last_rows = [], [], []
-            for i, (s, start, n) in enumerate(work):
+            ids, feats, goods = [], [], []
+            for s, start, n in work:
                 good = committed[s] - start  # rows with true tokens and hidden states
                 junk = n - good
-                ids.append(torch.tensor(truth[s][start + 1 : start + 1 + good]))
-                ids.append(torch.randint(0, VOCAB, (junk,), generator=gen))
+                junk_ids = torch.randint(0, VOCAB, (junk,), generator=gen).tolist()
+                ids.append(truth[s][start + 1 : start + 1 + good] + junk_ids)
                 feats += [hidden[s][start : start + good], torch.randn(junk, hidden[s].shape[1], generator=gen)]
-                last_rows.append(batch.query_start[i] + good - 1)
+                goods.append(good)
+            batch = make_batch(work, ids)
+            last_rows = [batch.query_start[i] + good - 1 for i, good in enumerate(goods)]
             passes.clear()
-            drafts = mtp.propose(batch, torch.cat(ids), torch.cat(feats), counts, last_rows)
+            drafts = mtp.propose(batch, torch.cat(feats), counts, last_rows)
             for i, (s, start, _) in enumerate(work):
                 n_done = committed[s]
                 first = reference(hf, truth[s][1 : n_done + 1], hidden[s][:n_done])
@@ -227,8 +220,8 @@ def test_bf16_head_built_like_the_target(pair):
     assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
     allocate_caches(head.cache_layers(), 1, 2**22, BLOCK, torch.bfloat16, torch.device("cpu"))
     tokens, hidden = pair.tokens[0][:30], pair.hidden[0][:30]
-    batch = make_batch([(0, 0, 29)])
+    batch = make_batch([(0, 0, 29)], [tokens[1:]])
     with torch.inference_mode():
-        ours = head(batch, torch.tensor(tokens[1:]), hidden[:-1].bfloat16()).float()
+        ours = head(batch, hidden[:-1].bfloat16()).float()
     ref = reference(hf, tokens[1:], hidden[:-1])
     assert (ours - ref).abs().max() < 0.05 * ref.abs().max()

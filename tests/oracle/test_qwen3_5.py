@@ -17,7 +17,7 @@ from fp4serve import LLM, SamplingParams
 from fp4serve.config import ModelInfo
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.formats.safetensors_io import iter_tensors
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import SequenceRows, build_batch
 from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.models.registry import model_class
 
@@ -88,21 +88,11 @@ class Harness:
 
     def step(self, work: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
         """One forward over (slot, new token ids, tokens already computed) per sequence; logits per sequence."""
-        ids, positions, slot_mapping, tables = [], [], [], []
-        for slot, tokens, done in work:
-            pos = torch.arange(done, done + len(tokens))
-            table = torch.arange(slot * MAX_BLOCKS, (slot + 1) * MAX_BLOCKS)
-            ids.append(torch.tensor(tokens))
-            positions.append(pos)
-            slot_mapping.append(table[pos // BLOCK] * BLOCK + pos % BLOCK)
-            tables.append(table)
-        batch = ForwardBatch(
-            input_ids=torch.cat(ids), positions=torch.cat(positions),
-            query_lens=[len(t) for _, t, _ in work], num_computed=[d for _, _, d in work],
-            slot_mapping=torch.cat(slot_mapping), block_tables=torch.stack(tables),
-            context_lens=torch.tensor([d + len(t) for _, t, d in work]),
-            state_slots=torch.tensor([s for s, _, _ in work]), block_size=BLOCK,
-        )  # fmt: skip
+        seqs = [
+            SequenceRows(list(tokens), done, list(range(slot * MAX_BLOCKS, (slot + 1) * MAX_BLOCKS)), slot)
+            for slot, tokens, done in work
+        ]
+        batch = build_batch(seqs, BLOCK)
         with torch.inference_mode():
             logits = self.model.compute_logits(self.model(batch))
         return [logits[batch.seq_rows(i)] for i in range(batch.num_seqs)]

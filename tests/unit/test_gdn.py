@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import ForwardBatch, SequenceRows, build_batch
 from fp4serve.layers.gdn import (
     GatedDeltaNet,
     causal_conv1d,
@@ -95,14 +95,12 @@ def _layer(slots=8, seed=4) -> GatedDeltaNet:
 
 def _batch(query_lens, num_computed, slots, num_drafts=None) -> ForwardBatch:
     """Only what GDN reads: per-sequence lengths, cached counts and state slots."""
-    T = sum(query_lens)
-    return ForwardBatch(
-        input_ids=torch.zeros(T, dtype=torch.long), positions=torch.zeros(T, dtype=torch.long),
-        query_lens=list(query_lens), num_computed=list(num_computed),
-        slot_mapping=torch.zeros(T, dtype=torch.long), block_tables=torch.zeros(len(slots), 1, dtype=torch.long),
-        context_lens=torch.zeros(len(slots), dtype=torch.long), state_slots=torch.tensor(slots), block_size=16,
-        num_drafts=num_drafts,
-    )  # fmt: skip
+    drafts = num_drafts or [0] * len(slots)
+    seqs = [
+        SequenceRows([0] * q, c, [0] * (-(-(c + q) // 16)), slot, k)
+        for q, c, slot, k in zip(query_lens, num_computed, slots, drafts)
+    ]
+    return build_batch(seqs, 16)
 
 
 def _snapshot(layer):
@@ -160,8 +158,10 @@ def test_verification_rollback_equals_never_seeing_rejected_tokens(kept):
         layer(torch.cat([prefix, prefix]), _batch([9, 9], [0, 0], [2, 5]))  # both sequences share a 9-token prefill
         start = _snapshot(layer)
         x = torch.cat([verified, other, decode])
-        out = layer(x, _batch([5, 5, 1], [9, 9, 3], [2, 5, 7], num_drafts=[4, 4, 0]))
-        layer.restore_verified({0: kept})  # sequence 1 accepted everything: nothing to restore
+        batch = _batch([5, 5, 1], [9, 9, 3], [2, 5, 7], num_drafts=[4, 4, 0])
+        out = layer(x, batch)
+        # sequence 1 accepted everything: nothing to restore
+        layer.restore_verified(batch.captures.verified[layer], {0: kept})
         rolled = _snapshot(layer)
         _restore(layer, start)
         reference = [layer(verified[t : t + 1], _batch([1], [9 + t], [2])) for t in range(kept)]

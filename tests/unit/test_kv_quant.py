@@ -15,7 +15,7 @@ from conftest import paged_batch
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.errors import ConfigError
 from fp4serve.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import SequenceRows, build_batch
 from fp4serve.kernels.paged_attention import decode_attention
 from fp4serve.layers.attention import PagedAttention, gather_kv, paged_attention, paged_attention_ref, write_kv
 from fp4serve.layers.kv_quant import KVCacheFormat, KVQuant, resolve_kv_cache_format
@@ -166,7 +166,8 @@ class QuantizedCase:
         self.k_new, self.v_new = torch.cat(k_new), torch.cat(v_new)  # this step's rows as stored
         T = sum(q for _, q in shapes)
         self.q = torch.randn(T, H, D, generator=g).to(dtype)
-        self.batch = paged_batch(shapes, tables, slot_mapping, ctx_lens, block_size)
+        self.batch = paged_batch(shapes, tables, block_size)
+        assert self.batch.slot_mapping.tolist() == slot_mapping  # the K/V rows written above
 
     def dense(self, quantized=True) -> torch.Tensor:
         """float64 causal attention per sequence over its dequantized (or original) K/V."""
@@ -224,15 +225,12 @@ def test_layer_calibrates_scales_on_the_first_forward_only(fmt):
     layer = PagedAttention(H, HKV, D, SCALE)
     shape = (4, 4, HKV, fmt.row_width(D))
     layer.bind_cache(torch.zeros(shape, dtype=fmt.storage_dtype), torch.zeros(shape, dtype=fmt.storage_dtype), fmt)
-    layer.calibrate_kv_scales = True
     g = torch.Generator().manual_seed(5)
     top = 448.0 if fmt.name == "fp8_e4m3" else 6 * 448.0
     for step, n in enumerate((6, 1)):
         q, k, v = (torch.randn(n, heads * D, generator=g) for heads in (H, HKV, HKV))
-        batch = ForwardBatch(
-            torch.zeros(n, dtype=torch.long), torch.arange(n) + 6 * step, [n], [6 * step], torch.arange(n) + 6 * step,
-            torch.tensor([[0, 1, 2, 3]]), torch.tensor([6 * step + n]), torch.zeros(1, dtype=torch.long), 4,
-        )  # fmt: skip
+        # the engine's runner asks for calibration on its first forward only
+        batch = build_batch([SequenceRows([0] * n, 6 * step, [0, 1, 2, 3])], 4, calibrate_kv_scales=step == 0)
         layer(q, 10 * k if step else k, v, batch)
         if step == 0:
             first_k, first_v = k.abs().max() / top, v.abs().max() / top

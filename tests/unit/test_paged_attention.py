@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import paged_batch
 
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import SequenceRows, build_batch
 from fp4serve.kernels.cpu_build import cpu_library
 from fp4serve.kernels.paged_attention import decode_attention
 from fp4serve.layers.attention import PagedAttention, gather_kv, paged_attention, paged_attention_ref, write_kv
@@ -53,7 +53,8 @@ class Case:
         self.k_new, self.v_new = torch.cat(k_new), torch.cat(v_new)
         T = sum(q for _, q in shapes)
         self.q = torch.randn(T, H, D, generator=g).to(dtype)
-        self.batch = paged_batch(shapes, self.tables, slot_mapping, ctx_lens, block_size)
+        self.batch = paged_batch(shapes, self.tables, block_size)
+        assert self.batch.slot_mapping.tolist() == slot_mapping  # the K/V rows written above
 
     def dispatch(self, causal=True, sliding_window=None) -> torch.Tensor:
         """layers.attention.paged_attention, the path the model takes."""
@@ -237,17 +238,7 @@ def test_paged_attention_layer_chunked_equals_one_pass(window):
     outs, start = [], 0
     for n in (7, 1, 5, 1, 1):
         end = start + n
-        batch = ForwardBatch(
-            input_ids=torch.zeros(n, dtype=torch.long),
-            positions=torch.arange(start, end),
-            query_lens=[n],
-            num_computed=[start],
-            slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, end)]),
-            block_tables=torch.tensor([blocks]),
-            context_lens=torch.tensor([end]),
-            state_slots=torch.zeros(1, dtype=torch.long),
-            block_size=bs,
-        )
+        batch = build_batch([SequenceRows([0] * n, start, blocks)], bs)
         outs.append(layer(q[start:end].flatten(1), k[start:end].flatten(1), v[start:end].flatten(1), batch))
         start = end
     ours = torch.cat(outs).view(total, H, D)

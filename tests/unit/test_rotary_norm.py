@@ -4,18 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp4serve.forward_batch import ForwardBatch
+from fp4serve.forward_batch import ForwardBatch, SequenceRows, build_batch
 from fp4serve.layers.norm import RMSNorm, rms_norm
 from fp4serve.layers.rotary import RotaryEmbedding, rotate_half
 
 
 def _batch(positions: list[int]) -> ForwardBatch:
-    t = torch.tensor(positions)
-    return ForwardBatch(
-        input_ids=t, positions=t, query_lens=[len(positions)], num_computed=[0], slot_mapping=t,
-        block_tables=torch.zeros(1, 1, dtype=torch.long), context_lens=torch.tensor([len(positions)]),
-        state_slots=torch.zeros(1, dtype=torch.long), block_size=16,
-    )  # fmt: skip
+    """Only positions matter to rotary: a one-token sequence at each of `positions`."""
+    return build_batch([SequenceRows([p], p, [0] * (p // 16 + 1)) for p in positions], 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from fp4serve.errors import ConfigError
 from fp4serve.spec_decode.config import parse_speculative_config
 
-TARGET = SimpleNamespace(hidden_size=64, num_hidden_layers=4, mtp_num_hidden_layers=1)
+TARGET = SimpleNamespace(hidden_size=64, num_hidden_layers=4, mtp_num_hidden_layers=1, vocab_size=32)
 
 
 def parse(raw, path=None, target=TARGET):
