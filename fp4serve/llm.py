@@ -26,9 +26,9 @@ class LLM:
         return self.engine.tokenizer
 
     def get_metrics(self) -> list:
-        """vLLM's offline metrics call. Holds the speculative-decoding counters (vLLM's names and
-        shapes: Counter `vllm:spec_decode_num_drafts`, `..._num_draft_tokens`,
-        `..._num_accepted_tokens`, Vector `..._num_accepted_tokens_per_pos`) when drafting is on."""
+        """vLLM's offline metrics call. Holds the speculative-decoding counters when drafting is on,
+        in vLLM's shapes and names (metric_names.SPEC_DECODE_*): a Counter each for drafts, draft
+        tokens and accepted tokens, a Vector of accepted tokens per position."""
         stats = self.engine.spec_stats
         return spec_decode_metrics(stats) if stats is not None else []
 

@@ -11,12 +11,15 @@ import re
 
 import httpx
 
+from fp4serve import metric_names as names
+
+# Sample names as any vLLM-compatible server exposes them (vLLM included), keyed as in the results.
 COUNTERS = {
-    "num_drafts": "vllm:spec_decode_num_drafts_total",
-    "num_draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
-    "num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens_total",
+    "num_drafts": names.exposed_counter(names.SPEC_DECODE_NUM_DRAFTS),
+    "num_draft_tokens": names.exposed_counter(names.SPEC_DECODE_NUM_DRAFT_TOKENS),
+    "num_accepted_tokens": names.exposed_counter(names.SPEC_DECODE_NUM_ACCEPTED_TOKENS),
 }
-PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+PER_POSITION = names.exposed_counter(names.SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS)
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')

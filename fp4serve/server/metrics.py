@@ -1,5 +1,6 @@
 """GET /metrics: the engine's state and counters in Prometheus text format, under vLLM's metric
-names (prefix `vllm:`), so dashboards and benchmark tools written for vLLM read fp4serve unchanged.
+names (fp4serve/metric_names.py), so dashboards and benchmark tools written for vLLM read fp4serve
+unchanged.
 
 Everything is read at scrape time (a collector, no background updates); each app has its own
 registry, so several apps in one process (tests, the benchmark client) do not collide.
@@ -10,10 +11,20 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from fp4serve import metric_names as names
 from fp4serve.engine.engine import LLMEngine
 from fp4serve.engine.stats import Histogram
+from fp4serve.spec_decode.metrics import Vector, spec_decode_metrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# HELP lines of the counters that spec_decode_metrics() names and fills (LLM.get_metrics() has none).
+SPEC_DECODE_HELP = {
+    names.SPEC_DECODE_NUM_DRAFTS: "Verification steps that carried drafts.",
+    names.SPEC_DECODE_NUM_DRAFT_TOKENS: "Draft tokens proposed.",
+    names.SPEC_DECODE_NUM_ACCEPTED_TOKENS: "Draft tokens accepted.",
+    names.SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS: "Accepted draft tokens by position in the draft.",
+}
 
 
 class EngineCollector:
@@ -25,42 +36,45 @@ class EngineCollector:
         return []  # no fixed description: collect() is only called at scrape time
 
     def collect(self):
-        engine, names, values = self.engine, list(self.labels), list(self.labels.values())
-        scheduler, pool = engine.scheduler, engine.block_pool
-        stats = engine.stats.snapshot()
-
-        def gauge(name, doc, value):
-            family = GaugeMetricFamily(name, doc, labels=names)
-            family.add_metric(values, value)
-            return family
-
-        def counter(name, doc, value):
-            family = CounterMetricFamily(name, doc, labels=names)
-            family.add_metric(values, value)
-            return family
-
-        yield gauge("vllm:num_requests_running", "Requests in the running batch.", len(scheduler.running))
-        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", len(scheduler.waiting))
-        yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", pool.usage())
-        yield counter("vllm:num_preemptions", "Preemptions (by recompute).", scheduler.num_preemptions)
-        yield counter("vllm:prompt_tokens", "Prompt tokens of requests that produced a token.", stats.prompt_tokens)
-        yield counter("vllm:generation_tokens", "Generated tokens.", stats.generation_tokens)
+        scheduler, pool = self.engine.scheduler, self.engine.block_pool
+        stats = self.engine.stats.snapshot()
+        yield self._gauge(names.NUM_REQUESTS_RUNNING, "Requests in the running batch.", len(scheduler.running))
+        yield self._gauge(names.NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", len(scheduler.waiting))
+        yield self._gauge(names.KV_CACHE_USAGE, "Fraction of KV-cache blocks in use (1 = full).", pool.usage())
+        yield self._counter(names.NUM_PREEMPTIONS, "Preemptions (by recompute).", scheduler.num_preemptions)
+        yield self._counter(names.PROMPT_TOKENS, "Prompt tokens of requests that produced a token.",
+                            stats.prompt_tokens)  # fmt: skip
+        yield self._counter(names.GENERATION_TOKENS, "Generated tokens.", stats.generation_tokens)
         # Prefix-cache lookups, in tokens (the pool counts whole blocks).
-        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      pool.queries * pool.block_size)  # fmt: skip
-        yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", pool.hits * pool.block_size)
-
-        finished = CounterMetricFamily("vllm:request_success", "Finished requests by finish reason.",
-                                       labels=names + ["finished_reason"])  # fmt: skip
-        for reason in ("stop", "length", "abort"):
-            finished.add_metric(values + [reason], stats.finished.get(reason, 0))
-        yield finished
-
-        yield self._histogram("vllm:time_to_first_token_seconds", "Time to first token.", stats.time_to_first_token)
-        yield self._histogram("vllm:inter_token_latency_seconds", "Time between steps that gave a request tokens.",
+        yield self._counter(names.PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.",
+                            pool.queries * pool.block_size)  # fmt: skip
+        yield self._counter(names.PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache.",
+                            pool.hits * pool.block_size)  # fmt: skip
+        finished = {reason: stats.finished.get(reason, 0) for reason in ("stop", "length", "abort")}
+        yield self._labelled_counter(names.REQUEST_SUCCESS, "Finished requests by finish reason.", "finished_reason",
+                                     finished)  # fmt: skip
+        yield self._histogram(names.TIME_TO_FIRST_TOKEN, "Time to first token.", stats.time_to_first_token)
+        yield self._histogram(names.INTER_TOKEN_LATENCY, "Time between steps that gave a request tokens.",
                               stats.inter_token_latency)  # fmt: skip
-        yield self._histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", stats.e2e_latency)
+        yield self._histogram(names.E2E_REQUEST_LATENCY, "Arrival to finish.", stats.e2e_latency)
         yield from self._spec_decoding()
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=list(self.labels))
+        family.add_metric(list(self.labels.values()), value)
+        return family
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=list(self.labels))
+        family.add_metric(list(self.labels.values()), value)
+        return family
+
+    def _labelled_counter(self, name: str, doc: str, label: str, values: dict) -> CounterMetricFamily:
+        """One sample per value of `label`, besides the model name."""
+        family = CounterMetricFamily(name, doc, labels=list(self.labels) + [label])
+        for label_value, value in values.items():
+            family.add_metric(list(self.labels.values()) + [str(label_value)], value)
+        return family
 
     def _histogram(self, name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
         cumulative, running = [], 0
@@ -75,21 +89,12 @@ class EngineCollector:
         spec = self.engine.spec_stats
         if spec is None:  # vLLM exports these only with speculative decoding on
             return
-        names, values = list(self.labels), list(self.labels.values())
-        for name, doc, value in (
-            ("vllm:spec_decode_num_drafts", "Verification steps that carried drafts.", spec.num_drafts),
-            ("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens),
-            ("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
-        ):
-            family = CounterMetricFamily(name, doc, labels=names)
-            family.add_metric(values, value)
-            yield family
-        per_position = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
-                                           "Accepted draft tokens by position in the draft.",
-                                           labels=names + ["position"])  # fmt: skip
-        for position, value in enumerate(list(spec.accepted_per_position)):
-            per_position.add_metric(values + [str(position)], value)
-        yield per_position
+        for metric in spec_decode_metrics(spec):
+            doc = SPEC_DECODE_HELP[metric.name]
+            if isinstance(metric, Vector):
+                yield self._labelled_counter(metric.name, doc, "position", dict(enumerate(metric.values)))
+            else:
+                yield self._counter(metric.name, doc, metric.value)
 
 
 def metrics_registry(engine: LLMEngine, model_name: str) -> CollectorRegistry:

@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from fp4serve import metric_names as names
+
 log = logging.getLogger(__name__)
 
 
@@ -62,12 +64,12 @@ class Vector:
 
 
 def spec_decode_metrics(stats: SpecDecodingStats) -> list[Counter | Vector]:
-    """The counters under vLLM's metric names (Prometheus adds `_total` to the counters)."""
+    """The counters under vLLM's metric names, for LLM.get_metrics() and the server's /metrics."""
     return [
-        Counter("vllm:spec_decode_num_drafts", stats.num_drafts),
-        Counter("vllm:spec_decode_num_draft_tokens", stats.num_draft_tokens),
-        Counter("vllm:spec_decode_num_accepted_tokens", stats.num_accepted_tokens),
-        Vector("vllm:spec_decode_num_accepted_tokens_per_pos", list(stats.accepted_per_position)),
+        Counter(names.SPEC_DECODE_NUM_DRAFTS, stats.num_drafts),
+        Counter(names.SPEC_DECODE_NUM_DRAFT_TOKENS, stats.num_draft_tokens),
+        Counter(names.SPEC_DECODE_NUM_ACCEPTED_TOKENS, stats.num_accepted_tokens),
+        Vector(names.SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS, list(stats.accepted_per_position)),
     ]
 
 
