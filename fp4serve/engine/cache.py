@@ -9,9 +9,9 @@ import numpy
 import torch
 
 from fp4serve.errors import ConfigError
+from fp4serve.formats.kv_codec import KVCacheFormat
 from fp4serve.layers.attention import PagedAttention
 from fp4serve.layers.cache_spec import KVCacheSpec, StateSpec
-from fp4serve.layers.kv_quant import KVCacheFormat
 
 
 @dataclass

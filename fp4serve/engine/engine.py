@@ -18,9 +18,9 @@ from fp4serve.engine.scheduler import Scheduler, SchedulerPlan
 from fp4serve.engine.stats import EngineStats, PhaseTimer
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
+from fp4serve.formats.kv_codec import resolve_kv_cache_format
 from fp4serve.kernels.cpu_features import cpu_features
 from fp4serve.layers.cache_spec import StateSpec
-from fp4serve.layers.kv_quant import resolve_kv_cache_format
 from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from fp4serve.cache_dir import cache_dir
 from fp4serve.kernels.cpu_features import cpu_features
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ def kernel_cflags(level: str) -> tuple[str, ...]:
 
 def build_library(cflags: tuple[str, ...], cache: Path | None = None) -> ctypes.CDLL:
     """Compile the kernels (once per sources, compiler and flags; cached) and load them."""
-    from fp4serve.default_model import cache_dir
-
     sources = {name: (Path(__file__).parent / name).read_text() for name in SOURCES}
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256("\0".join((*sources.values(), compiler, *cflags)).encode()).hexdigest()[:16]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fp4serve.formats.kv_codec import KVQuant
 from fp4serve.kernels.cpu_build import cpu_library
 from fp4serve.kernels.cpu_decode import c_decode_enabled
-from fp4serve.layers.kv_quant import KVQuant
 
 # Up to this many sequences torch's SDPA is fastest (its transposes are tiny); beyond, its CPU
 # kernel, tuned for long queries, falls behind per-KV-head batched matmuls by 3-8x.

@@ -1,7 +1,7 @@
 """Paged attention over a block-table KV cache.
 
 `paged_attention_ref` is the reference: one sequence at a time, K/V gathered from the cache
-through the block table and decoded (layers/kv_quant.py: plain, fp8 or nvfp4 storage), plain SDPA
+through the block table and decoded (formats/kv_codec.py: plain, fp8 or nvfp4 storage), plain SDPA
 with a causal offset mask. Fast paths in kernels/ must match it.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp4serve.formats.kv_codec import KVCacheFormat, KVQuant
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.kernels.paged_attention import decode_attention, gather_plan
 from fp4serve.layers.cache_spec import KVCacheSpec
-from fp4serve.layers.kv_quant import KVCacheFormat, KVQuant
 
 
 def write_kv(

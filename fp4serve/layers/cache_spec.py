@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fp4serve.layers.kv_quant import KVCacheFormat
+from fp4serve.formats.kv_codec import KVCacheFormat
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
     """An attention layer: K and V blocks from the shared pool, [num_blocks, block_size, Hkv, row_width]
-    in the storage of the chosen --kv-cache-dtype (layers/kv_quant.py)."""
+    in the storage of the chosen --kv-cache-dtype (formats/kv_codec.py)."""
 
     num_kv_heads: int
     head_dim: int

@@ -35,11 +35,11 @@ from torch import nn
 
 from fp4serve.errors import CheckpointError, ConfigError, UnsupportedModelError
 from fp4serve.formats.safetensors_io import iter_tensors
-from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.forward_batch import StepCaptures
 from fp4serve.layers.cache_spec import KVCacheSpec
 from fp4serve.layers.linear import Linear
 from fp4serve.layers.norm import RMSNorm
+from fp4serve.layers.packed_linear import pack_model_linears, packing_available
 from fp4serve.layers.rotary import RotaryEmbedding, rotate_half
 from fp4serve.models.llama import LlamaMLP, head_dim_of
 from fp4serve.models.mtp import TargetModules, built_like, finish_linears

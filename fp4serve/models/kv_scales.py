@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from fp4serve.errors import CheckpointError
+from fp4serve.formats.kv_codec import KVCacheFormat
 from fp4serve.layers.attention import PagedAttention
-from fp4serve.layers.kv_quant import KVCacheFormat
 from fp4serve.models.weights import LoadPlan
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.kernels import cpu_decode
-from fp4serve.kernels.cpu_linear import PackedCPULinearMethod
 from fp4serve.layers.activation import silu_and_mul
 from fp4serve.layers.attention import PagedAttention
 from fp4serve.layers.linear import Linear, PlainLinearMethod
-from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
 from fp4serve.layers.norm import RMSNorm
+from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
+from fp4serve.layers.packed_linear import PackedCPULinearMethod
 from fp4serve.layers.rotary import RotaryEmbedding
 from fp4serve.models.base import CausalLM, run_decoder
 from fp4serve.models.weights import LoadPlan

@@ -11,9 +11,9 @@ from fp4serve.config import ModelInfo
 from fp4serve.formats.checkpoint import ON_THE_FLY, QuantConfig
 from fp4serve.formats.safetensors_io import iter_tensors
 from fp4serve.kernels.cpu_decode import c_decode_enabled
-from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.linear import Linear, PlainLinearMethod, linear_methods
 from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
+from fp4serve.layers.packed_linear import pack_model_linears, packing_available
 from fp4serve.models.quantization import LinearMethodChooser
 from fp4serve.models.registry import model_class
 

@@ -35,10 +35,10 @@ from torch import nn
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.safetensors_io import weight_files
 from fp4serve.forward_batch import ForwardBatch, SequenceRows, build_batch
-from fp4serve.kernels.cpu_linear import pack_model_linears, packing_available
 from fp4serve.layers.linear import Linear
 from fp4serve.layers.moe import split_fused_experts
 from fp4serve.layers.norm import RMSNorm
+from fp4serve.layers.packed_linear import pack_model_linears, packing_available
 from fp4serve.models.qwen3_5 import STACKED, Qwen3_5DecoderLayer
 from fp4serve.models.weights import LoadPlan, load_weights
 

@@ -1,4 +1,4 @@
-"""fp8 and nvfp4 KV cache storage (layers/kv_quant.py) and attention over it.
+"""fp8 and nvfp4 KV cache storage (formats/kv_codec.py) and attention over it.
 
 Round trips are checked byte for byte against the NVFP4 codec (formats/nvfp4.py, itself checked
 against compressed-tensors) and against torch's own float8_e4m3fn cast for fp8. Attention over a
@@ -14,11 +14,11 @@ from conftest import paged_batch
 
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.errors import ConfigError
+from fp4serve.formats.kv_codec import KVCacheFormat, KVQuant, resolve_kv_cache_format
 from fp4serve.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from fp4serve.forward_batch import SequenceRows, build_batch
 from fp4serve.kernels.paged_attention import decode_attention
 from fp4serve.layers.attention import PagedAttention, gather_kv, paged_attention, paged_attention_ref, write_kv
-from fp4serve.layers.kv_quant import KVCacheFormat, KVQuant, resolve_kv_cache_format
 
 H, HKV, D = 8, 2, 32
 SCALE = D**-0.5

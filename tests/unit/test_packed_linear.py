@@ -1,12 +1,12 @@
-"""The oneDNN packed bf16 Linear (kernels/cpu_linear.py) against the plain reference method."""
+"""The oneDNN packed bf16 Linear (layers/packed_linear.py) against the plain reference method."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fp4serve import LLM, SamplingParams
-from fp4serve.kernels.cpu_linear import PackedCPULinearMethod, pack_linear, packing_available
 from fp4serve.layers.linear import Linear
+from fp4serve.layers.packed_linear import PackedCPULinearMethod, pack_linear, packing_available
 
 pytestmark = pytest.mark.skipif(
     not packing_available(torch.bfloat16, torch.device("cpu")), reason="torch built without oneDNN linear packing"

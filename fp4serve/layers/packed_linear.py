@@ -2,7 +2,7 @@
 
 F.linear on CPU re-lays out the weight on every call; packing once at load makes the decode-size
 matmuls (a few rows against a whole weight matrix, bandwidth bound) 1.5-1.9x faster on AVX-512
-machines. Numerically it is the same oneDNN bf16 GEMM (tests/unit/test_cpu_linear.py). oneDNN packs bf16
+machines. Numerically it is the same oneDNN bf16 GEMM (tests/unit/test_packed_linear.py). oneDNN packs bf16
 only with AVX-512 BW/VL/DQ or AVX-NE-CONVERT: elsewhere (AVX2) the plain method stays."""
 from __future__ import annotations
 
