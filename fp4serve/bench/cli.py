@@ -15,10 +15,11 @@ from pathlib import Path
 
 import httpx
 
+from fp4serve.engine_args import add_engine_args, engine_config
 from fp4serve.errors import BenchError
 
 
-def add_bench_parser(sub, common: argparse.ArgumentParser, add_engine_args) -> None:
+def add_bench_parser(sub, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server or the engine", parents=[common])
     kinds = bench.add_subparsers(dest="bench_command", required=True)
 
@@ -256,7 +257,6 @@ def cmd_bench_compare(args) -> None:
 
 def cmd_bench_offline(args) -> None:
     from fp4serve.bench.offline import parse_range, print_table, run_offline, write_result
-    from fp4serve.cli import engine_config
     from fp4serve.llm import LLM
 
     input_len, output_len = parse_range(args.input_len), parse_range(args.output_len)
