@@ -1,4 +1,5 @@
 """fp4serve command line: serve | generate | chat | bench | convert-gguf. Engine flags keep vLLM's names."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,56 +8,9 @@ import os
 import sys
 import time
 
+from fp4serve.bench.cli import add_bench_parser
+from fp4serve.engine_args import add_engine_args, engine_config
 from fp4serve.errors import Fp4ServeError
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    p.add_argument("--skip-tokenizer-init", action="store_true",
-                   help="load no tokenizer: prompts are token ids, outputs carry token ids and empty text")  # fmt: skip
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="maximum concurrent sequences")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument("--kv-cache-memory", default="2GiB", help="memory for KV cache and GDN state, e.g. 2GiB or bytes")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
-                   help="auto: the model's generation_config.json sets request defaults; vllm: ignore it")  # fmt: skip
-    p.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
-    p.add_argument("--language-model-only", action="store_true", default=True,
-                   help="serve the text path of multimodal checkpoints (always on: vision is not served)")  # fmt: skip
-    p.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility; no remote code runs")
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--quantization", "-q", default=None, choices=["modelopt", "compressed-tensors", "nvfp4"],
-                   help="checkpoint format (default: detected from the files); nvfp4 quantizes a 16-bit checkpoint at load")  # fmt: skip
-    p.add_argument("--nvfp4-lm-head", action="store_true",
-                   help="quantize the 16-bit lm_head to NVFP4 W4A16 at load (smaller decode reads; see docs/benchmarks.md for its quality)")  # fmt: skip
-    p.add_argument("--nvfp4-compute", default="auto", choices=["auto", "w4a16", "w4a4"],
-                   help="NVFP4 linears: w4a16 dequantizes weights (auto); w4a4 also quantizes activations (Blackwell numerics)")  # fmt: skip
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4"],
-                   help="KV cache storage: auto (model dtype); fp8 with per-layer k/v scales; nvfp4 (4-bit, 16-element blocks)")  # fmt: skip
-    p.add_argument("--calculate-kv-scales", action="store_true",
-                   help="fp8/nvfp4 KV: calibrate each layer's k/v scales on the first prefill (default: checkpoint or 1.0)")  # fmt: skip
-    p.add_argument("--speculative-config", default=None, help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'')
-
-
-ENGINE_FIELDS = (
-    "model", "tokenizer", "skip_tokenizer_init", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-    "kv_cache_memory", "enable_prefix_caching", "enable_chunked_prefill", "seed", "generation_config",
-    "chat_template", "language_model_only", "trust_remote_code", "num_threads", "quantization", "nvfp4_lm_head", "nvfp4_compute",
-    "kv_cache_dtype", "calculate_kv_scales", "speculative_config",
-)  # fmt: skip
-
-
-def engine_config(args):
-    from fp4serve.config import EngineConfig
-
-    return EngineConfig.from_kwargs(**{name: getattr(args, name) for name in ENGINE_FIELDS})
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,9 +25,13 @@ def sampling_params(engine, args):
     from fp4serve.sampling_params import SamplingParams
 
     return SamplingParams.from_defaults(
-        engine.default_sampling, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.request_seed,
-    )  # fmt: skip
+        engine.default_sampling,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.request_seed,
+    )
 
 
 def cmd_serve(args) -> None:
@@ -81,13 +39,22 @@ def cmd_serve(args) -> None:
     from fp4serve.server.options import ServerOptions
 
     options = ServerOptions(
-        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
-        enable_auto_tool_choice=args.enable_auto_tool_choice, max_queue=args.max_queue,
+        reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        max_queue=args.max_queue,
         max_request_body_size=args.max_request_body_size,
-    )  # fmt: skip
+    )
     api_key = args.api_key or os.environ.get("FP4SERVE_API_KEY") or None
-    run_server(engine_config(args), host=args.host, port=args.port, api_key=api_key,
-               served_model_names=args.served_model_name, options=options, started=args.started)  # fmt: skip
+    run_server(
+        engine_config(args),
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        served_model_names=args.served_model_name,
+        options=options,
+        started=args.started,
+    )
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -96,19 +63,40 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env FP4SERVE_API_KEY)")
-    p.add_argument("--served-model-name", nargs="+", default=None,
-                   help="names clients may use; the first is the canonical one (default: the model argument)")  # fmt: skip
-    p.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
-                   help="move <think>...</think> text to reasoning_content")  # fmt: skip
-    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen3_coder", "qwen3_xml"],
-                   help="the model's tool-call format")  # fmt: skip
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help='return the model\'s tool calls as tool_calls for tool_choice "auto" (needs --tool-call-parser)')  # fmt: skip
-    p.add_argument("--max-queue", type=int, default=None,
-                   help="waiting requests beyond which new requests get 503 with Retry-After (default: no limit)")  # fmt: skip
-    p.add_argument("--max-request-body-size", default=str(DEFAULT_MAX_REQUEST_BODY_SIZE),
-                   help="largest request body, e.g. 16MiB; larger ones get 413")  # fmt: skip
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env FP4SERVE_API_KEY)"
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="names clients may use; the first is the canonical one (default: the model argument)",
+    )
+    p.add_argument(
+        "--reasoning-parser", default=None, choices=["qwen3"], help="move <think>...</think> text to reasoning_content"
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "qwen3_coder", "qwen3_xml"],
+        help="the model's tool-call format",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='return the model\'s tool calls as tool_calls for tool_choice "auto" (needs --tool-call-parser)',
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="waiting requests beyond which new requests get 503 with Retry-After (default: no limit)",
+    )
+    p.add_argument(
+        "--max-request-body-size",
+        default=str(DEFAULT_MAX_REQUEST_BODY_SIZE),
+        help="largest request body, e.g. 16MiB; larger ones get 413",
+    )
     # vLLM flags whose request fp4serve always fulfils: accepted, and listed in docs/serving.md.
     p.add_argument("--enforce-eager", action="store_true", help="accepted: fp4serve always runs eagerly (no graphs)")
     p.add_argument("--disable-log-requests", action="store_true", help="accepted: fp4serve does not log requests")
@@ -162,7 +150,11 @@ def cmd_generate(args) -> None:
     llm = LLM.from_config(engine_config(args))
     params = sampling_params(llm.engine, args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params) if args.chat else llm.generate(prompts, params)
+    outputs = (
+        llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        if args.chat
+        else llm.generate(prompts, params)
+    )
     for output in outputs:
         print(output.outputs[0].text)
 
@@ -187,7 +179,9 @@ def cmd_chat(args) -> None:
         if not user.strip():
             continue
         history.append({"role": "user", "content": user})
-        request_id = engine.add_request({"prompt_token_ids": llm.apply_chat_template(history)}, sampling_params(engine, args))
+        request_id = engine.add_request(
+            {"prompt_token_ids": llm.apply_chat_template(history)}, sampling_params(engine, args)
+        )
         reply = ""
         done = False
         while not done:
@@ -231,11 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=cmd_chat)
 
-    from fp4serve.bench.cli import add_bench_parser
+    add_bench_parser(sub, common)
 
-    add_bench_parser(sub, common, add_engine_args)
-
-    conv = sub.add_parser("convert-gguf", help="convert a GGUF file into a Hugging Face model directory", parents=[common])
+    conv = sub.add_parser(
+        "convert-gguf", help="convert a GGUF file into a Hugging Face model directory", parents=[common]
+    )
     conv.add_argument("gguf_file")
     conv.add_argument("out_dir")
     conv.set_defaults(func=cmd_convert_gguf)

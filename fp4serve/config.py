@@ -1,4 +1,5 @@
 """Engine configuration: the serve flags (vLLM names and meanings) and the parsed model config."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import logging
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,10 +16,23 @@ from fp4serve.formats.checkpoint import QuantConfig, detect_quantization
 from fp4serve.kernels.cpu_features import CPUFeatures, cpu_features
 
 log = logging.getLogger(__name__)
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32, "float": torch.float32}  # fmt: skip
-QUANTIZATIONS = (None, "modelopt", "compressed-tensors", "nvfp4")
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+QUANTIZATIONS = ("modelopt", "compressed-tensors", "nvfp4")
+NVFP4_COMPUTES = ("auto", "w4a16", "w4a4")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4")
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30}  # fmt: skip
+GENERATION_CONFIGS = ("auto", "vllm")
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1e3, "kb": 1e3, "kib": 2**10,
+    "m": 1e6, "mb": 1e6, "mib": 2**20,
+    "g": 1e9, "gb": 1e9, "gib": 2**30,
+}  # fmt: skip
 
 
 def parse_bytes(value: int | str) -> int:
@@ -30,34 +45,74 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def engine_arg(default, help: str | None = None, **flag) -> Any:
+    """An EngineConfig field with what its command-line flag adds (fp4serve/engine_args.py reads
+    it): help, and optionally choices, aliases, negatable (a --no- form) or positional."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class EngineConfig:
-    """Everything `fp4serve serve` and `LLM(...)` accept. Field names are vLLM's engine args."""
+    """Everything `fp4serve serve` and `LLM(...)` accept. Field names are vLLM's engine args; each
+    field is also the command-line argument of that name (max_num_seqs: --max-num-seqs; model is
+    positional), with the field's default."""
 
-    model: str | None = None  # None: the embedded default model
-    tokenizer: str | None = None  # a directory with the tokenizer (default: the model's)
-    skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs without text
-    dtype: str = "auto"
-    device: str = "auto"  # auto: cuda when available, else cpu
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_memory: int | str = "2GiB"
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
+    model: str | None = engine_arg(
+        None, "Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)", positional=True
+    )
+    tokenizer: str | None = engine_arg(None, "tokenizer directory (default: the model's)")
+    skip_tokenizer_init: bool = engine_arg(
+        False, "load no tokenizer: prompts are token ids, outputs carry token ids and empty text"
+    )
+    dtype: str = engine_arg("auto", choices=("auto", *DTYPES))
+    device: str = engine_arg("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    max_model_len: int | None = engine_arg(None, "context length (default: the model's)")
+    max_num_seqs: int = engine_arg(64, "maximum concurrent sequences")
+    max_num_batched_tokens: int = engine_arg(2048, "token budget of one step")
+    block_size: int = engine_arg(16, "tokens per KV cache block")
+    kv_cache_memory: int | str = engine_arg("2GiB", "memory for KV cache and GDN state, e.g. 2GiB or bytes")
+    enable_prefix_caching: bool = engine_arg(True, negatable=True)
+    enable_chunked_prefill: bool = engine_arg(True, negatable=True)
     seed: int = 0
-    generation_config: str = "auto"  # auto: model's generation_config.json gives request defaults
-    chat_template: str | None = None
-    language_model_only: bool = True
-    trust_remote_code: bool = False  # accepted for vLLM compatibility; we never run remote code
-    num_threads: int | None = None  # CPU threads for torch (default: torch's own choice)
-    quantization: str | None = None  # None: detect from the files; modelopt | compressed-tensors | nvfp4 (on the fly)
-    nvfp4_lm_head: bool = False  # quantize a 16-bit lm_head to NVFP4 at load (the biggest read of a 4-bit decode step)
-    nvfp4_compute: str = "auto"  # auto (w4a16) | w4a16 | w4a4 (activations quantize-dequantized per 16-block)
-    kv_cache_dtype: str = "auto"  # auto (model dtype) | bfloat16 | fp8 | fp8_e4m3 | nvfp4
-    calculate_kv_scales: bool = False  # fp8/nvfp4 KV: per-layer scales from the first prefill's amax
-    speculative_config: dict | str | None = None  # vLLM's --speculative-config JSON
+    generation_config: str = engine_arg(
+        "auto",
+        "auto: the model's generation_config.json sets request defaults; vllm: ignore it",
+        choices=GENERATION_CONFIGS,
+    )
+    chat_template: str | None = engine_arg(None, "chat template file or text (default: the model's)")
+    # A flag that cannot be turned off: vLLM users pass it, and vision is never served.
+    language_model_only: bool = engine_arg(
+        True, "serve the text path of multimodal checkpoints (always on: vision is not served)"
+    )
+    trust_remote_code: bool = engine_arg(False, "accepted for vLLM compatibility; no remote code runs")
+    num_threads: int | None = engine_arg(None, "CPU threads for torch (default: torch's own choice)")
+    quantization: str | None = engine_arg(
+        None,
+        "checkpoint format (default: detected from the files); nvfp4 quantizes a 16-bit checkpoint at load",
+        choices=QUANTIZATIONS,
+        aliases=("-q",),
+    )
+    nvfp4_lm_head: bool = engine_arg(
+        False,
+        "quantize the 16-bit lm_head to NVFP4 W4A16 at load "
+        "(smaller decode reads; see docs/benchmarks.md for its quality)",
+    )
+    nvfp4_compute: str = engine_arg(
+        "auto",
+        "NVFP4 linears: w4a16 dequantizes weights (auto); w4a4 also quantizes activations (Blackwell numerics)",
+        choices=NVFP4_COMPUTES,
+    )
+    kv_cache_dtype: str = engine_arg(
+        "auto",
+        "KV cache storage: auto (model dtype); fp8 with per-layer k/v scales; nvfp4 (4-bit, 16-element blocks)",
+        choices=KV_CACHE_DTYPES,
+    )
+    calculate_kv_scales: bool = engine_arg(
+        False, "fp8/nvfp4 KV: calibrate each layer's k/v scales on the first prefill (default: checkpoint or 1.0)"
+    )
+    speculative_config: dict | str | None = engine_arg(
+        None, 'JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\''
+    )
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -71,10 +126,10 @@ class EngineConfig:
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose auto, {', '.join(DTYPES)}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"--quantization {self.quantization!r}: choose {', '.join(q for q in QUANTIZATIONS if q)}")
-        if self.nvfp4_compute not in ("auto", "w4a16", "w4a4"):
-            raise ConfigError(f"--nvfp4-compute {self.nvfp4_compute!r}: choose auto, w4a16, w4a4")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization {self.quantization!r}: choose {', '.join(QUANTIZATIONS)}")
+        if self.nvfp4_compute not in NVFP4_COMPUTES:
+            raise ConfigError(f"--nvfp4-compute {self.nvfp4_compute!r}: choose {', '.join(NVFP4_COMPUTES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: choose {', '.join(KV_CACHE_DTYPES)}")
         if self.calculate_kv_scales and self.kv_cache_dtype in ("auto", "bfloat16"):
@@ -88,7 +143,9 @@ class EngineConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--speculative-config is not valid JSON: {e}") from e
         if self.speculative_config is not None and not isinstance(self.speculative_config, dict):
-            raise ConfigError("--speculative-config must be a JSON object, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 3}'")
+            raise ConfigError(
+                '--speculative-config must be a JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\''
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -128,7 +185,9 @@ class ModelInfo:
             text_config.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
         return cls(path, hf_config, text_config, list(getattr(hf_config, "architectures", None) or []), quant)
 
-    def torch_dtype(self, requested: str, device: torch.device, cpu: CPUFeatures | None = None) -> tuple[torch.dtype, str]:
+    def torch_dtype(
+        self, requested: str, device: torch.device, cpu: CPUFeatures | None = None
+    ) -> tuple[torch.dtype, str]:
         """The compute dtype and why, for the start log. cpu: the CPU's features (default: this
         machine's)."""
         stored = getattr(self.text_config, "dtype", None) or getattr(self.hf_config, "dtype", None)
@@ -148,15 +207,19 @@ def choose_dtype(
         if requested != "auto":
             return DTYPES[requested], "--dtype"
         chosen = stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
-        return chosen, f"auto: the checkpoint's {str(stored).removeprefix('torch.')}" if stored == chosen else "auto: bf16"
+        return (
+            chosen,
+            f"auto: the checkpoint's {str(stored).removeprefix('torch.')}" if stored == chosen else "auto: bf16",
+        )
     cpu = cpu or cpu_features()
     if requested != "auto":
         dtype = DTYPES[requested]
         if dtype == torch.bfloat16 and not cpu.native_bf16:
             log.warning(
                 "--dtype bfloat16 on a CPU without bf16 dot products (level %s): torch emulates bf16 matmuls, "
-                "which is far slower than float32; --dtype auto picks float32 here", cpu.level,
-            )  # fmt: skip
+                "which is far slower than float32; --dtype auto picks float32 here",
+                cpu.level,
+            )
         if dtype == torch.float16:
             log.warning("--dtype float16 on CPU: torch's CPU fp16 matmuls are slow; --dtype auto picks a faster dtype")
         return dtype, "--dtype"

@@ -15,75 +15,98 @@ from pathlib import Path
 
 import httpx
 
+from fp4serve.engine_args import add_engine_args, engine_config
 from fp4serve.errors import BenchError
 
 
-def add_bench_parser(sub, common: argparse.ArgumentParser, add_engine_args) -> None:
+def add_bench_parser(sub, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server or the engine", parents=[common])
     kinds = bench.add_subparsers(dest="bench_command", required=True)
+    add_serve_parser(kinds, common)
+    add_compare_parser(kinds, common)
+    add_offline_parser(kinds, common)
 
+
+def add_serve_parser(kinds, common: argparse.ArgumentParser) -> None:
     serve = kinds.add_parser(
         "serve", help="sweep categories x concurrency over HTTP; writes a report", parents=[common]
     )
-    serve.add_argument(
+    _server_args(serve)
+    _workload_args(serve)
+    _sweep_args(serve)
+    serve.set_defaults(func=cmd_bench_serve)
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    """Which server to measure (default: one bench starts) and what the run is called."""
+    p.add_argument(
         "--base-url", default=None, help="OpenAI root, e.g. http://127.0.0.1:8000/v1 (default: start fp4serve)"
     )
-    serve.add_argument("--model", default=None, help="model name to request (default: the first of GET /v1/models)")
-    serve.add_argument(
+    p.add_argument("--model", default=None, help="model name to request (default: the first of GET /v1/models)")
+    p.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer token (default: $OPENAI_API_KEY)"
     )
-    serve.add_argument(
+    p.add_argument(
         "--serve-args",
         default="",
         help='arguments for the fp4serve started without --base-url, e.g. "model_dir --dtype bfloat16"',
     )
-    serve.add_argument(
-        "--label", default=None, help="name of this run in reports and compare (default: model @ server)"
-    )
-    serve.add_argument("--workload", default="categories", help="categories | random | PATH.jsonl")
-    serve.add_argument("--categories", default=None, help="comma list (default: all six)")
-    serve.add_argument("--random-input-len", type=int, default=128)
-    serve.add_argument("--random-output-len", type=int, default=128)
-    serve.add_argument("--random-range-ratio", type=float, default=0.0)
-    serve.add_argument("--concurrency", default="1,4,16", help="comma list of levels")
-    size = serve.add_mutually_exclusive_group()
-    size.add_argument(
-        "--num-prompts", type=int, default=None, help="requests per level (default: 2 x concurrency, at least 8)"
-    )
-    size.add_argument("--duration", type=float, default=None, help="seconds per level instead of a request count")
-    serve.add_argument("--max-tokens", type=int, default=128)
-    serve.add_argument("--temperature", default="0", help="comma list, e.g. 0,0.7 runs the sweep greedy and sampled")
-    serve.add_argument(
+    p.add_argument("--label", default=None, help="name of this run in reports and compare (default: model @ server)")
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    """The prompts, and the tokenizer that counts tokens for the sized ones."""
+    p.add_argument("--workload", default="categories", help="categories | random | PATH.jsonl")
+    p.add_argument("--categories", default=None, help="comma list (default: all six)")
+    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument(
         "--long-context", default=None, help="comma list of prompt sizes in tokens, e.g. 16k,32k (run at c=1)"
     )
-    serve.add_argument("--long-context-prompts", type=int, default=2, help="prompts per long-context tier")
-    serve.add_argument(
+    p.add_argument("--long-context-prompts", type=int, default=2, help="prompts per long-context tier")
+    p.add_argument(
         "--tokenizer",
         default=None,
         help="local tokenizer directory for counting tokens when the server has no /tokenize",
     )
-    endpoint = serve.add_mutually_exclusive_group()
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    """The levels, the requests sent at each, and where the results go."""
+    p.add_argument("--concurrency", default="1,4,16", help="comma list of levels")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--num-prompts", type=int, default=None, help="requests per level (default: 2 x concurrency, at least 8)"
+    )
+    size.add_argument("--duration", type=float, default=None, help="seconds per level instead of a request count")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", default="0", help="comma list, e.g. 0,0.7 runs the sweep greedy and sampled")
+    endpoint = p.add_mutually_exclusive_group()
     endpoint.add_argument(
         "--chat", dest="chat", action="store_true", default=True, help="/v1/chat/completions (default)"
     )
     endpoint.add_argument(
         "--completions", dest="chat", action="store_false", help="/v1/completions with the raw prompt"
     )
-    serve.add_argument(
+    p.add_argument(
         "--ignore-eos", action="store_true", help="generate max_tokens for every request (vLLM/llama.cpp extension)"
     )
-    serve.add_argument("--warmup", type=int, default=2, help="unrecorded requests before the sweep")
-    serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--request-timeout", type=float, default=600.0)
-    serve.add_argument("--no-progress", dest="progress", action="store_false")
-    serve.add_argument("--out", default=None, help="result directory (default: bench_results/<UTC time>)")
-    serve.set_defaults(func=cmd_bench_serve)
+    p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before the sweep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", default=None, help="result directory (default: bench_results/<UTC time>)")
 
+
+def add_compare_parser(kinds, common: argparse.ArgumentParser) -> None:
     comp = kinds.add_parser("compare", help="two runs side by side with ratios", parents=[common])
     comp.add_argument("a", help="summary.json (or its directory) of run A")
     comp.add_argument("b", help="summary.json (or its directory) of run B")
     comp.set_defaults(func=cmd_bench_compare)
 
+
+def add_offline_parser(kinds, common: argparse.ArgumentParser) -> None:
     offline = kinds.add_parser("offline", help="engine throughput in-process, no HTTP", parents=[common])
     add_engine_args(offline)
     offline.add_argument("--num-prompts", type=int, default=64)
@@ -136,8 +159,12 @@ def cmd_bench_serve(args) -> None:
     temperatures = _float_list(args.temperature, "temperature")
     if not temperatures:
         raise BenchError("--temperature names no value")
-    for flag, value, low in (("--num-prompts", args.num_prompts, 1), ("--duration", args.duration, 1e-9),
-                             ("--max-tokens", args.max_tokens, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
+    for flag, value, low in (
+        ("--num-prompts", args.num_prompts, 1),
+        ("--duration", args.duration, 1e-9),
+        ("--max-tokens", args.max_tokens, 1),
+        ("--warmup", args.warmup, 0),
+    ):
         if value is not None and value < low:
             raise BenchError(f"{flag} must be at least {low:g}, not {value}")
     load_before = os.getloadavg()[0]
@@ -150,11 +177,21 @@ def cmd_bench_serve(args) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         model, model_root = (args.model, None) if args.model else discover_model(base_url, headers)
         config = SweepConfig(
-            base_url=base_url, model=model, chat=args.chat, api_key=api_key, concurrency=concurrency,
-            num_prompts=args.num_prompts, duration=args.duration, max_tokens=args.max_tokens, temperatures=temperatures,
-            warmup=args.warmup, seed=args.seed, ignore_eos=args.ignore_eos, request_timeout=args.request_timeout,
+            base_url=base_url,
+            model=model,
+            chat=args.chat,
+            api_key=api_key,
+            concurrency=concurrency,
+            num_prompts=args.num_prompts,
+            duration=args.duration,
+            max_tokens=args.max_tokens,
+            temperatures=temperatures,
+            warmup=args.warmup,
+            seed=args.seed,
+            ignore_eos=args.ignore_eos,
+            request_timeout=args.request_timeout,
             progress=args.progress,
-        )  # fmt: skip
+        )
         workload, long_context, counter_method = build_workloads(args, config, model_root, headers)
         levels = asyncio.run(run_sweep(config, workload, long_context))
     meta = {
@@ -226,9 +263,11 @@ def _build_workloads(args, config, get_counter):
     elif args.workload == "random":
         count = min(max(config.level_size(max(config.concurrency)), 16), 256)
         counter = get_counter()
-        workload = {"random": workloads.random_prompts(
-            counter, count, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed
-        )}  # fmt: skip
+        workload = {
+            "random": workloads.random_prompts(
+                counter, count, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed
+            )
+        }
     else:
         workload = workloads.read_jsonl(args.workload)
         if args.categories:
@@ -256,7 +295,6 @@ def cmd_bench_compare(args) -> None:
 
 def cmd_bench_offline(args) -> None:
     from fp4serve.bench.offline import parse_range, print_table, run_offline, write_result
-    from fp4serve.cli import engine_config
     from fp4serve.llm import LLM
 
     input_len, output_len = parse_range(args.input_len), parse_range(args.output_len)
@@ -266,6 +304,12 @@ def cmd_bench_offline(args) -> None:
     result = run_offline(llm, args.num_prompts, input_len, output_len, args.temperature, args.seed)
     print_table(result, llm.engine.model_path.name)
     if args.out:
-        meta = {"model": str(llm.engine.model_path), "input_len": args.input_len, "output_len": args.output_len,
-                "temperature": args.temperature, "seed": args.seed, "command": "fp4serve " + shlex.join(sys.argv[1:])}  # fmt: skip
+        meta = {
+            "model": str(llm.engine.model_path),
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "command": "fp4serve " + shlex.join(sys.argv[1:]),
+        }
         write_result(result, meta, Path(args.out))

@@ -82,23 +82,15 @@ def build_app(
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     app.add_middleware(BodySizeLimit, max_bytes=options.max_request_body_size)
+    _add_status_routes(app, async_engine, served_model_names)
+    _add_generation_routes(app, async_engine, served_model_names, options)
+    _add_tokenizer_routes(app, async_engine, served_model_names)
+    return app
+
+
+def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str]) -> None:
+    """/health, /version, /metrics, /v1/models."""
     registry = metrics_registry(async_engine.engine, served_model_names[0])
-    engine = async_engine.engine
-    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
-
-    def resolve_model(requested: str | None) -> str:
-        if not requested:
-            return served_model_names[0]
-        if requested not in served_model_names:
-            raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
-        return requested
-
-    def check_queue() -> None:
-        if options.max_queue is not None and async_engine.num_waiting() >= options.max_queue:
-            raise APIError(
-                503, f"the server is busy: {options.max_queue} requests are already waiting; retry shortly",
-                code="server_busy", headers={"Retry-After": "1"},
-            )  # fmt: skip
 
     @app.get("/health")
     async def health() -> Response:
@@ -120,29 +112,58 @@ def build_app(
         cards = [ModelCard(id=name, root=root, max_model_len=async_engine.max_model_len) for name in served_model_names]
         return ModelList(data=cards)
 
+
+def _add_generation_routes(
+    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], options: ServerOptions
+) -> None:
+    """/v1/completions and /v1/chat/completions."""
+    engine = async_engine.engine
+    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        model = resolve_model(body.model)
-        check_queue()
+        model = _resolve_model(served_model_names, body.model)
+        _check_queue(async_engine, options)
         return await _respond(request, create_completion(async_engine, body, model))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        model = resolve_model(body.model)
-        check_queue()
+        model = _resolve_model(served_model_names, body.model)
+        _check_queue(async_engine, options)
         return await _respond(request, create_chat_completion(async_engine, body, model, options, grammars))
+
+
+def _add_tokenizer_routes(app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str]) -> None:
+    """/tokenize and /detokenize."""
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
-        resolve_model(body.model)
+        _resolve_model(served_model_names, body.model)
         return tokenize(async_engine, body)
 
     @app.post("/detokenize")
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
-        resolve_model(body.model)
+        _resolve_model(served_model_names, body.model)
         return detokenize(async_engine, body)
 
-    return app
+
+def _resolve_model(served_model_names: list[str], requested: str | None) -> str:
+    """The served name a request asked for; no name: the first."""
+    if not requested:
+        return served_model_names[0]
+    if requested not in served_model_names:
+        raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+    return requested
+
+
+def _check_queue(async_engine: AsyncEngine, options: ServerOptions) -> None:
+    if options.max_queue is not None and async_engine.num_waiting() >= options.max_queue:
+        raise APIError(
+            503,
+            f"the server is busy: {options.max_queue} requests are already waiting; retry shortly",
+            code="server_busy",
+            headers={"Retry-After": "1"},
+        )
 
 
 # ---- responses and disconnects ------------------------------------------------------------------
