@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import httpx
 import openai
@@ -360,7 +361,14 @@ def test_closed_stream_aborts_the_request(server, client, recorded_aborts, endpo
     assert recorded_aborts["free_blocks_after"] == [pool.num_blocks]
 
 
-def test_client_gone_aborts_non_streaming_request(server, recorded_aborts):
+def test_client_gone_aborts_non_streaming_request(server, recorded_aborts, monkeypatch):
+    real_step = server.engine.step
+
+    def slow_step():  # 400 tokens take >= 2 s: the client's 0.3 s timeout always comes first
+        time.sleep(0.005)
+        return real_step()
+
+    monkeypatch.setattr(server.engine, "step", slow_step)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
