@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fp4serve.engine.sampler import TokenLogprobs
+from fp4serve.sample.sampler import TokenLogprobs
 
 
 @dataclass

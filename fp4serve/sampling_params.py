@@ -1,7 +1,7 @@
 """SamplingParams: the per-request knobs, shaped like vLLM's."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from fp4serve.errors import InvalidRequestError
 

@@ -13,7 +13,6 @@ from fp4serve.engine.cache import allocate_caches
 from fp4serve.engine.detokenizer import IncrementalDetokenizer
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner, StepOutput
-from fp4serve.engine.sampler import SamplingRow, sample
 from fp4serve.engine.scheduler import Scheduler, SchedulerPlan
 from fp4serve.engine.stats import EngineStats, PhaseTimer
 from fp4serve.errors import ConfigError, InvalidRequestError
@@ -24,11 +23,12 @@ from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
+from fp4serve.sample.sampler import SamplingRow, sample
+from fp4serve.sample.verify import verify
 from fp4serve.sampling_params import SamplingParams
 from fp4serve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from fp4serve.spec_decode.metrics import SpecDecodingLogger, SpecDecodingStats
 from fp4serve.spec_decode.proposer import CommittedStep, Proposer, make_proposer
-from fp4serve.spec_decode.verify import verify
 from fp4serve.tokenizer import NoTokenizer, eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.checkpoint import COMPRESSED_TENSORS, MODELOPT, ON_THE_FLY
-from fp4serve.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, dequantize_nvfp4, quantize_nvfp4, unpack_fp4
+from fp4serve.formats.nvfp4 import (
+    BLOCK_SIZE,
+    E2M1_MAX,
+    E2M1_VALUES,
+    E4M3_MAX,
+    dequantize_nvfp4,
+    quantize_nvfp4,
+    unpack_fp4,
+)
 from fp4serve.kernels.cpu_nvfp4 import nvfp4_linear
 from fp4serve.layers.linear import LinearMethod
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
 from fp4serve.engine.grammar import GrammarCompiler, GrammarLogitsProcessor, xgrammar_available
-from fp4serve.engine.sampler import TokenLogprobs
 from fp4serve.errors import InvalidRequestError
+from fp4serve.sample.sampler import TokenLogprobs
 from fp4serve.server.options import ServerOptions
 from fp4serve.server.protocol import (
     APIError,

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
-from fp4serve.engine.sampler import TokenLogprobs
+from fp4serve.sample.sampler import TokenLogprobs
 from fp4serve.server.protocol import (
     APIError,
     CompletionChoice,

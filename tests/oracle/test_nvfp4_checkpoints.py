@@ -21,13 +21,13 @@ import zlib
 import pytest
 import torch
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.entrypoints.convert import (
     CompressedTensorsDequantizer,
     ModelOptNvfp4Converter,
     convert_checkpoint,
 )
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
-from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.quantization.lifecycle.forward import dequantize, fake_quantize
 from compressed_tensors.quantization.quant_scheme import NVFP4, NVFP4A16
 from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam

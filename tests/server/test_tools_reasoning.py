@@ -18,7 +18,7 @@ import fp4serve.engine.engine as engine_module
 from fp4serve.config import EngineConfig
 from fp4serve.engine.engine import LLMEngine
 from fp4serve.engine.grammar import xgrammar_available
-from fp4serve.engine.sampler import SamplerOutput
+from fp4serve.sample.sampler import SamplerOutput
 from fp4serve.server.options import ServerOptions
 
 # A Qwen3.5-style template: it opens the think block for the model unless enable_thinking is false,

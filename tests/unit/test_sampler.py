@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fp4serve.engine.sampler import SamplingRow, apply_logits_processors, inverse_cdf, sample
+from fp4serve.sample.sampler import SamplingRow, apply_logits_processors, inverse_cdf, sample
 from fp4serve.sampling_params import SamplingParams
 
 EOS = 7

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_sampler import chi_square_p_value, row
 
-from fp4serve.engine.sampler import apply_logits_processors, sample
-from fp4serve.spec_decode.verify import verify
+from fp4serve.sample.sampler import apply_logits_processors, sample
+from fp4serve.sample.verify import verify
 
 V = 32
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp4serve.engine.sampler import SamplingRow, TokenLogprobs, apply_logits_processors, compute_logprobs, inverse_cdf
+from fp4serve.sample.sampler import SamplingRow, TokenLogprobs, apply_logits_processors, compute_logprobs, inverse_cdf
 
 
 @dataclass
