@@ -42,6 +42,9 @@ class NoTokenizer:
     def decode(self, ids, *args, **kwargs) -> str:
         return ""
 
+    def get_vocab(self) -> dict[str, int]:
+        return {}  # no token strings known (ids still index the model's vocabulary)
+
 
 def load_tokenizer(path: str | Path, chat_template: str | None = None, skip: bool = False, explicit: bool = False):
     """transformers' tokenizer; `chat_template` (a file or the template text) overrides the model's.

@@ -16,6 +16,7 @@ engine request. Auth (auth.py) and the body size limit (limits.py) are ASGI midd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shlex
@@ -43,6 +44,7 @@ from fp4serve.server.limits import BodySizeLimit
 from fp4serve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fp4serve.server.metrics import metrics_registry, render
 from fp4serve.server.options import ServerOptions
+from fp4serve.server.prompt_work import PromptWork
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -76,15 +78,22 @@ def build_app(
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     options = options or ServerOptions()
-    app = FastAPI(title="fp4serve", summary="OpenAI-compatible LLM server", version=__version__)
+    work = PromptWork(async_engine.tokenizer, async_engine.max_model_len)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        work.shutdown()
+
+    app = FastAPI(title="fp4serve", summary="OpenAI-compatible LLM server", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)
     # Added last = runs first: a too-large body is refused even before the key is checked.
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     app.add_middleware(BodySizeLimit, max_bytes=options.max_request_body_size)
     _add_status_routes(app, async_engine, served_model_names)
-    _add_generation_routes(app, async_engine, served_model_names, options)
-    _add_tokenizer_routes(app, async_engine, served_model_names)
+    _add_generation_routes(app, async_engine, served_model_names, options, work)
+    _add_tokenizer_routes(app, async_engine, served_model_names, work)
     return app
 
 
@@ -114,7 +123,7 @@ def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_nam
 
 
 def _add_generation_routes(
-    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], options: ServerOptions
+    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], options: ServerOptions, work: PromptWork
 ) -> None:
     """/v1/completions and /v1/chat/completions."""
     engine = async_engine.engine
@@ -124,22 +133,24 @@ def _add_generation_routes(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
         _check_queue(async_engine, options)
-        return await _respond(request, create_completion(async_engine, body, model))
+        return await _respond(request, create_completion(async_engine, body, model, work))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
         _check_queue(async_engine, options)
-        return await _respond(request, create_chat_completion(async_engine, body, model, options, grammars))
+        return await _respond(request, create_chat_completion(async_engine, body, model, options, work, grammars))
 
 
-def _add_tokenizer_routes(app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str]) -> None:
+def _add_tokenizer_routes(
+    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], work: PromptWork
+) -> None:
     """/tokenize and /detokenize."""
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         _resolve_model(served_model_names, body.model)
-        return tokenize(async_engine, body)
+        return await tokenize(async_engine, body, work)
 
     @app.post("/detokenize")
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:

@@ -15,6 +15,7 @@ from fp4serve.engine.grammar import GrammarCompiler, GrammarLogitsProcessor, xgr
 from fp4serve.errors import InvalidRequestError
 from fp4serve.sample.sampler import TokenLogprobs
 from fp4serve.server.options import ServerOptions
+from fp4serve.server.prompt_work import PromptWork, chat_length
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionChoice,
@@ -51,11 +52,13 @@ async def create_chat_completion(
     request: ChatCompletionRequest,
     model: str,
     options: ServerOptions,
+    work: PromptWork,
     grammars: GrammarCompiler | None = None,
 ) -> ChatCompletionResponse | EventStream:
     tool_parser = _tool_parser(request, options)
     schema = _output_schema(request)
-    prompt_ids = apply_chat_template(engine.tokenizer, request)
+    work.check_length(chat_length(request), "messages")
+    prompt_ids = await work.run(apply_chat_template, engine.tokenizer, request)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     reasoning = None

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
 from fp4serve.sample.sampler import TokenLogprobs
+from fp4serve.server.prompt_work import PromptWork
 from fp4serve.server.protocol import (
     APIError,
     CompletionChoice,
@@ -20,9 +21,9 @@ from fp4serve.server.protocol import (
 
 
 async def create_completion(
-    engine: AsyncEngine, request: CompletionRequest, model: str
+    engine: AsyncEngine, request: CompletionRequest, model: str, work: PromptWork
 ) -> CompletionResponse | EventStream:
-    text, prompt_ids = _tokenize_prompt(engine.tokenizer, request.prompt)
+    text, prompt_ids = await _tokenize_prompt(engine.tokenizer, request.prompt, work)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     stream = await engine.add_request({"prompt_token_ids": prompt_ids, "prompt": text}, params, request_id)
@@ -45,15 +46,16 @@ async def create_completion(
     return CompletionResponse(id=request_id, model=model, choices=[choice], usage=usage)
 
 
-def _tokenize_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
+async def _tokenize_prompt(tokenizer, prompt, work: PromptWork) -> tuple[str | None, list[int]]:
     """(text or None, token ids) of the one prompt a request may carry."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise APIError(400, f"got {len(prompt)} prompts; send one prompt per request", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
+        work.check_length(len(prompt), "prompt")
         # Plain text gets the tokenizer's special tokens (BOS), as in vLLM.
-        return prompt, tokenizer(prompt).input_ids
+        return prompt, await work.run(lambda: tokenizer(prompt).input_ids)
     if not prompt:
         raise APIError(400, "the prompt is empty", param="prompt")
     return None, prompt

@@ -7,6 +7,7 @@ from typing import Any
 
 from fp4serve.engine.async_engine import AsyncEngine
 from fp4serve.server.chat import apply_chat_template
+from fp4serve.server.prompt_work import PromptWork, chat_length
 from fp4serve.server.protocol import APIError, ChatCompletionRequest, ChatMessage, OpenAIModel, ToolDefinition
 
 
@@ -39,18 +40,23 @@ class DetokenizeResponse(OpenAIModel):
     prompt: str
 
 
-def tokenize(engine: AsyncEngine, request: TokenizeRequest) -> TokenizeResponse:
+async def tokenize(engine: AsyncEngine, request: TokenizeRequest, work: PromptWork) -> TokenizeResponse:
     tokenizer = engine.tokenizer
     if (request.prompt is None) == (request.messages is None):
         raise APIError(400, "send exactly one of `prompt` and `messages`", param="prompt")
     if request.messages is not None:
         chat = ChatCompletionRequest(
-            messages=request.messages, add_generation_prompt=request.add_generation_prompt,
-            chat_template_kwargs=request.chat_template_kwargs, tools=request.tools,
-        )  # fmt: skip
-        tokens = apply_chat_template(tokenizer, chat)
+            messages=request.messages,
+            add_generation_prompt=request.add_generation_prompt,
+            chat_template_kwargs=request.chat_template_kwargs,
+            tools=request.tools,
+        )
+        work.check_length(chat_length(chat), "messages")
+        tokens = await work.run(apply_chat_template, tokenizer, chat)
     else:
-        tokens = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
+        work.check_length(len(request.prompt), "prompt")
+        special = request.add_special_tokens
+        tokens = await work.run(lambda: tokenizer(request.prompt, add_special_tokens=special).input_ids)
     strs = tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=strs)
 

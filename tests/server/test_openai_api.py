@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 
 import httpx
@@ -23,6 +24,8 @@ from transformers import LlamaConfig
 from fp4serve.config import EngineConfig
 from fp4serve.engine.engine import LLMEngine
 from fp4serve.sampling_params import SamplingParams
+from fp4serve.server.prompt_work import NORMALIZER_SLACK, PromptWork, longest_token
+from fp4serve.server.protocol import APIError
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
@@ -514,3 +517,59 @@ def test_smollm2_answers(smollm2_path):
         server.wait_idle()
     finally:
         server.stop()
+
+
+# ---- prompt work off the event loop ---------------------------------------------------------------
+class RecordingTokenizer:
+    """The server's tokenizer, noting the thread of every encode."""
+
+    def __init__(self, inner):
+        self.inner, self.threads = inner, []
+
+    def __call__(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_prompts_are_tokenized_on_worker_threads(server, client, monkeypatch):
+    recording = RecordingTokenizer(server.engine.tokenizer)
+    monkeypatch.setattr(server.engine, "tokenizer", recording)
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    httpx.post(f"{server.base}/tokenize", json={"prompt": PROMPT}, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert len(recording.threads) == 2
+    assert all(name.startswith("fp4serve-prompt") for name in recording.threads), recording.threads
+
+
+@pytest.mark.parametrize("route", ["completions", "chat", "tokenize"])
+def test_an_oversized_prompt_is_refused_before_tokenizing(server, client, monkeypatch, route):
+    recording = RecordingTokenizer(server.engine.tokenizer)
+    monkeypatch.setattr(server.engine, "tokenizer", recording)
+    limit = MAX_MODEL_LEN * longest_token(recording) * NORMALIZER_SLACK
+    text = "w7 " * (limit // 3 + 1)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if route == "completions":
+        response = httpx.post(f"{server.url}/completions", json={"model": "tiny", "prompt": text}, headers=headers)
+    elif route == "chat":
+        body = {"model": "tiny", "messages": [{"role": "user", "content": text}]}
+        response = httpx.post(f"{server.url}/chat/completions", json=body, headers=headers)
+    else:
+        response = httpx.post(f"{server.base}/tokenize", json={"prompt": text}, headers=headers)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == ("messages" if route == "chat" else "prompt")
+    assert f"max_model_len {MAX_MODEL_LEN}" in error["message"]
+    assert recording.threads == []  # refused before any tokenizing or templating
+
+
+def test_the_length_bound_admits_every_prompt_that_fits(server):
+    """The bound is sound: a text of max_model_len copies of the vocabulary's longest token
+    (the most characters max_model_len tokens can stand for) passes it."""
+    tokenizer = server.engine.tokenizer
+    longest = max(tokenizer.get_vocab(), key=len)
+    text = tokenizer.convert_tokens_to_string([longest] * MAX_MODEL_LEN)
+    PromptWork(tokenizer, MAX_MODEL_LEN).check_length(len(text), "prompt")  # no APIError
+    with pytest.raises(APIError):
+        PromptWork(tokenizer, MAX_MODEL_LEN).check_length(MAX_MODEL_LEN * len(longest) * NORMALIZER_SLACK + 1, "prompt")
