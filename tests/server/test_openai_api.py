@@ -570,6 +570,8 @@ def test_the_length_bound_admits_every_prompt_that_fits(server):
     tokenizer = server.engine.tokenizer
     longest = max(tokenizer.get_vocab(), key=len)
     text = tokenizer.convert_tokens_to_string([longest] * MAX_MODEL_LEN)
-    PromptWork(tokenizer, MAX_MODEL_LEN).check_length(len(text), "prompt")  # no APIError
+    work = PromptWork(tokenizer, MAX_MODEL_LEN)
+    work.check_length(len(text), "prompt")  # no APIError
     with pytest.raises(APIError):
-        PromptWork(tokenizer, MAX_MODEL_LEN).check_length(MAX_MODEL_LEN * len(longest) * NORMALIZER_SLACK + 1, "prompt")
+        work.check_length(MAX_MODEL_LEN * len(longest) * NORMALIZER_SLACK + 1, "prompt")
+    work.shutdown()
