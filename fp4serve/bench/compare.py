@@ -39,17 +39,38 @@ def compare(a: dict, b: dict) -> str:
         agg_a, agg_b = lv_a["output_tok_s"], lv_b["output_tok_s"]
         dec_a, dec_b = lv_a["decode_tok_s"]["p50"], lv_b["decode_tok_s"]["p50"]
         ttft_a, ttft_b = lv_a["ttft_s"]["p50"], lv_b["ttft_s"]["p50"]
-        rows.append([
-            f"T={lv_a['temperature']:g}", title(lv_a["category"]), str(lv_a["concurrency"]),
-            fmt_rate(agg_a), fmt_rate(agg_b), _ratio(agg_a, agg_b),
-            fmt_rate(dec_a), fmt_rate(dec_b), _ratio(dec_a, dec_b),
-            fmt_time(ttft_a), fmt_time(ttft_b), _ratio(ttft_a, ttft_b),
-            f"{lv_a['errors']} / {lv_b['errors']}",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"T={lv_a['temperature']:g}",
+                title(lv_a["category"]),
+                str(lv_a["concurrency"]),
+                fmt_rate(agg_a),
+                fmt_rate(agg_b),
+                _ratio(agg_a, agg_b),
+                fmt_rate(dec_a),
+                fmt_rate(dec_b),
+                _ratio(dec_a, dec_b),
+                fmt_time(ttft_a),
+                fmt_time(ttft_b),
+                _ratio(ttft_a, ttft_b),
+                f"{lv_a['errors']} / {lv_b['errors']}",
+            ]
+        )
     if not rows:
         raise BenchError("the two runs share no level (same temperature, category and concurrency)")
     header = [
-        "Mode", "Category", "c", "A agg tok/s", "B agg tok/s", "B/A", "A decode p50", "B decode p50", "B/A",
-        "A TTFT p50", "B TTFT p50", "B/A (lower is better)", "Errors A / B",
-    ]  # fmt: skip
+        "Mode",
+        "Category",
+        "c",
+        "A agg tok/s",
+        "B agg tok/s",
+        "B/A",
+        "A decode p50",
+        "B decode p50",
+        "B/A",
+        "A TTFT p50",
+        "B TTFT p50",
+        "B/A (lower is better)",
+        "Errors A / B",
+    ]
     return f"A: {a['meta']['label']}\nB: {b['meta']['label']}\n\n" + table(header, rows) + "\n"

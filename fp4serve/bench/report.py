@@ -37,15 +37,17 @@ def overall(levels: list[Level]) -> list[dict]:
         ]
         ok = [r for lv in group for r in lv.results if r.error is None]
         rates = [lv.summary["output_tok_s"] for lv in group if lv.summary["output_tok_s"] is not None]
-        rows.append({
-            "temperature": temperature,
-            "concurrency": concurrency,
-            "requests": sum(lv.summary["requests"] for lv in group),
-            "errors": sum(lv.summary["errors"] for lv in group),
-            "output_tok_s_median": median(rates) if rates else None,
-            "ttft_s": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
-            "decode_tok_s": distribution([r.decode_tok_s for r in ok if r.decode_tok_s is not None]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "temperature": temperature,
+                "concurrency": concurrency,
+                "requests": sum(lv.summary["requests"] for lv in group),
+                "errors": sum(lv.summary["errors"] for lv in group),
+                "output_tok_s_median": median(rates) if rates else None,
+                "ttft_s": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
+                "decode_tok_s": distribution([r.decode_tok_s for r in ok if r.decode_tok_s is not None]),
+            }
+        )
     return rows
 
 
@@ -133,11 +135,17 @@ def single_stream_section(levels: list[dict]) -> list[str]:
     lowest = min(lv["concurrency"] for lv in categories)
     rows = []
     for lv in (lv for lv in categories if lv["concurrency"] == lowest):
-        rows.append([
-            title(lv["category"]), fmt_rate(lv["decode_tok_s"]["p50"]), fmt_time(lv["ttft_s"]["p50"]),
-            fmt_time(lv["tpot_s"]["p50"]), fmt_rate(lv["prefill_tok_s"]["p50"], " tok/s"), fmt_acceptance(lv["spec_decode"]),
-            f"{lv['errors']}/{lv['requests']}",
-        ])  # fmt: skip
+        rows.append(
+            [
+                title(lv["category"]),
+                fmt_rate(lv["decode_tok_s"]["p50"]),
+                fmt_time(lv["ttft_s"]["p50"]),
+                fmt_time(lv["tpot_s"]["p50"]),
+                fmt_rate(lv["prefill_tok_s"]["p50"], " tok/s"),
+                fmt_acceptance(lv["spec_decode"]),
+                f"{lv['errors']}/{lv['requests']}",
+            ]
+        )
     header = ["Category", "Decode tok/s", "TTFT p50", "TPOT p50", "Prefill (PP)", "Draft accept", "Errors"]
     return ["", f"### Single-stream (c={lowest}), by category (p50 over requests)", "", table(header, rows)]
 
@@ -155,17 +163,35 @@ def concurrency_sections(levels: list[dict], overall_rows: list[dict]) -> list[s
         return table(["Concurrency"] + [title(n) for n in names], rows)
 
     ttft_rows = [
-        [str(row["concurrency"]), fmt_time(row["ttft_s"]["p50"]), fmt_time(row["ttft_s"]["p95"]), fmt_time(row["ttft_s"]["min"]),
-         fmt_time(row["ttft_s"]["max"]), fmt_rate(row["decode_tok_s"]["p50"]), f"{row['errors']}/{row['requests']}"]
+        [
+            str(row["concurrency"]),
+            fmt_time(row["ttft_s"]["p50"]),
+            fmt_time(row["ttft_s"]["p95"]),
+            fmt_time(row["ttft_s"]["min"]),
+            fmt_time(row["ttft_s"]["max"]),
+            fmt_rate(row["decode_tok_s"]["p50"]),
+            f"{row['errors']}/{row['requests']}",
+        ]
         for row in overall_rows
-    ]  # fmt: skip
+    ]
     return [
-        "", "### Aggregate output tok/s vs concurrency, by category", "", grid(lambda lv: fmt_rate(lv and lv["output_tok_s"])),
-        "", "### Per-request decode tok/s (p50) vs concurrency", "", grid(lambda lv: fmt_rate(lv and lv["decode_tok_s"]["p50"])),
-        "", "### TTFT vs concurrency (all categories)", "",
+        "",
+        "### Aggregate output tok/s vs concurrency, by category",
+        "",
+        grid(lambda lv: fmt_rate(lv and lv["output_tok_s"])),
+        "",
+        "### Per-request decode tok/s (p50) vs concurrency",
+        "",
+        grid(lambda lv: fmt_rate(lv and lv["decode_tok_s"]["p50"])),
+        "",
+        "### TTFT vs concurrency (all categories)",
+        "",
         table(["Concurrent", "TTFT p50", "TTFT p95", "TTFT min", "TTFT max", "Decode p50", "Errors"], ttft_rows),
-        "", "### Draft acceptance vs concurrency", "", grid(lambda lv: fmt_acceptance(lv["spec_decode"]) if lv else "–"),
-    ]  # fmt: skip
+        "",
+        "### Draft acceptance vs concurrency",
+        "",
+        grid(lambda lv: fmt_acceptance(lv["spec_decode"]) if lv else "–"),
+    ]
 
 
 def long_context_section(levels: list[dict]) -> list[str]:
@@ -173,10 +199,17 @@ def long_context_section(levels: list[dict]) -> list[str]:
     if not tiers:
         return []
     rows = [
-        [lv["category"], fmt_rate(lv["prompt_tokens"]["p50"]), fmt_rate(lv["decode_tok_s"]["p50"]), fmt_time(lv["ttft_s"]["p50"]),
-         fmt_rate(lv["prefill_tok_s"]["p50"], " tok/s"), fmt_acceptance(lv["spec_decode"]), f"{lv['errors']}/{lv['requests']}"]
+        [
+            lv["category"],
+            fmt_rate(lv["prompt_tokens"]["p50"]),
+            fmt_rate(lv["decode_tok_s"]["p50"]),
+            fmt_time(lv["ttft_s"]["p50"]),
+            fmt_rate(lv["prefill_tok_s"]["p50"], " tok/s"),
+            fmt_acceptance(lv["spec_decode"]),
+            f"{lv['errors']}/{lv['requests']}",
+        ]
         for lv in tiers
-    ]  # fmt: skip
+    ]
     header = [
         "Context tier",
         "Measured prompt (p50)",
@@ -192,10 +225,15 @@ def long_context_section(levels: list[dict]) -> list[str]:
 def greedy_vs_sampled(overall_rows: list[dict]) -> list[str]:
     lowest = min(row["concurrency"] for row in overall_rows)
     rows = [
-        [f"T={row['temperature']:g}", fmt_rate(row["decode_tok_s"]["p50"]), fmt_rate(row["decode_tok_s"]["p95"]), fmt_time(row["ttft_s"]["p50"])]
+        [
+            f"T={row['temperature']:g}",
+            fmt_rate(row["decode_tok_s"]["p50"]),
+            fmt_rate(row["decode_tok_s"]["p95"]),
+            fmt_time(row["ttft_s"]["p50"]),
+        ]
         for row in overall_rows
         if row["concurrency"] == lowest
-    ]  # fmt: skip
+    ]
     return [
         "",
         f"## Greedy vs sampled (c={lowest}, all categories)",

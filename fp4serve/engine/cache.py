@@ -1,6 +1,7 @@
 """Allocates every cache a model declares: KV blocks for attention layers from one memory budget,
 and GDN state slots (one per concurrent sequence) for recurrent layers. Where the K/V scales of a
 quantized cache come from is models/kv_scales.py's business."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,9 +49,15 @@ def zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def allocate_caches(
-    layers, num_state_slots: int, memory_budget: int, block_size: int, kv_format: KVCacheFormat | torch.dtype,
-    device: torch.device, model_dtype: torch.dtype | None = None, max_tokens: int | None = None,
-) -> CacheCapacity:  # fmt: skip
+    layers,
+    num_state_slots: int,
+    memory_budget: int,
+    block_size: int,
+    kv_format: KVCacheFormat | torch.dtype,
+    device: torch.device,
+    model_dtype: torch.dtype | None = None,
+    max_tokens: int | None = None,
+) -> CacheCapacity:
     """Binds cache tensors to each layer (see models/base.py cache_layers) and returns the capacity.
     State slots are sized first (they are per sequence, not per token); KV blocks take the rest.
     kv_format: the KV storage (a plain dtype is accepted for a 16/32-bit cache). max_tokens: the
@@ -89,8 +96,7 @@ def allocate_caches(
             layer.bind_cache(k, v)
     for layer in state_layers:
         tensors = {
-            name: zeros((num_state_slots, *shape), dtype, device)
-            for name, shape, dtype in layer.cache_spec().tensors
+            name: zeros((num_state_slots, *shape), dtype, device) for name, shape, dtype in layer.cache_spec().tensors
         }
         layer.bind_cache(**tensors)
     return CacheCapacity(

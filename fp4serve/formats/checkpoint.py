@@ -5,6 +5,7 @@ Reads `hf_quant_config.json` and config.json's `quantization_config` (docs/refer
 decided by the layout's own list: ModelOpt's `exclude_modules`/`ignore` (fnmatch wildcards) or
 compressed-tensors' `ignore`/`targets` (exact names or `re:` regexes; `Linear` targets every Linear).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -24,10 +25,22 @@ MODELOPT_NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ")
 # Modules `--quantization nvfp4` keeps in 16 bits: ModelOpt's NVFP4_DEFAULT_CFG exclusions
 # (docs/reference.md section 2), written as patterns over module names.
 DEFAULT_EXCLUDES = [
-    "*lm_head", "*proj_out", "*block_sparse_moe.gate", "*router*", "*mlp.gate", "*mlp.shared_expert_gate",
-    "*conv1d", "*output_layer*", "output", "*linear_attn.in_proj_a", "*linear_attn.in_proj_b",
-    "mtp.*", "*visual*", "*vision_tower*", "*embed_tokens",
-]  # fmt: skip
+    "*lm_head",
+    "*proj_out",
+    "*block_sparse_moe.gate",
+    "*router*",
+    "*mlp.gate",
+    "*mlp.shared_expert_gate",
+    "*conv1d",
+    "*output_layer*",
+    "output",
+    "*linear_attn.in_proj_a",
+    "*linear_attn.in_proj_b",
+    "mtp.*",
+    "*visual*",
+    "*vision_tower*",
+    "*embed_tokens",
+]
 
 
 @dataclass
@@ -79,15 +92,20 @@ def _modelopt(quant: dict, source: str) -> QuantConfig:
     ignore = list(quant.get("exclude_modules") or quant.get("ignore") or [])
     kv = quant.get("kv_cache_quant_algo")
     return QuantConfig(
-        MODELOPT, ignore=ignore, has_input_scales=algo != "W4A16_NVFP4", has_pre_quant_scale=algo == "NVFP4_AWQ",
+        MODELOPT,
+        ignore=ignore,
+        has_input_scales=algo != "W4A16_NVFP4",
+        has_pre_quant_scale=algo == "NVFP4_AWQ",
         kv_cache_algo=str(kv).upper() if kv else None,
-    )  # fmt: skip
+    )
 
 
 def _compressed_tensors(quant: dict, source: str) -> QuantConfig:
     fmt = quant.get("format")
     groups = quant.get("config_groups") or {}
-    if fmt != "nvfp4-pack-quantized" and not (groups and all(g.get("format") == "nvfp4-pack-quantized" for g in groups.values())):
+    if fmt != "nvfp4-pack-quantized" and not (
+        groups and all(g.get("format") == "nvfp4-pack-quantized" for g in groups.values())
+    ):
         raise UnsupportedModelError(
             f"{source}: compressed-tensors format {fmt!r} is not supported (fp4serve loads nvfp4-pack-quantized)"
         )
@@ -103,9 +121,12 @@ def _compressed_tensors(quant: dict, source: str) -> QuantConfig:
     if kv:
         kv_algo = "NVFP4" if kv.get("num_bits") == 4 else "FP8"
     return QuantConfig(
-        COMPRESSED_TENSORS, ignore=list(quant.get("ignore") or []), targets=list(group.get("targets") or ["Linear"]),
-        has_input_scales=bool(activations), kv_cache_algo=kv_algo,
-    )  # fmt: skip
+        COMPRESSED_TENSORS,
+        ignore=list(quant.get("ignore") or []),
+        targets=list(group.get("targets") or ["Linear"]),
+        has_input_scales=bool(activations),
+        kv_cache_algo=kv_algo,
+    )
 
 
 def detect_quantization(model_dir: str | Path) -> QuantConfig | None:
@@ -140,7 +161,9 @@ def resolve_quantization(requested: str | None, detected: QuantConfig | None, mo
             )
         return QuantConfig(ON_THE_FLY, ignore=list(DEFAULT_EXCLUDES))
     if detected is None:
-        raise ConfigError(f"--quantization {requested}: {model_dir} holds no quantized weights (no quantization_config)")
+        raise ConfigError(
+            f"--quantization {requested}: {model_dir} holds no quantized weights (no quantization_config)"
+        )
     if detected.method != requested:
         raise ConfigError(f"--quantization {requested}, but {model_dir} is a {detected.method} checkpoint")
     return detected

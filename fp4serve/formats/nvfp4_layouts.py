@@ -3,6 +3,7 @@
 The packed codes and FP8 block scales are the same bytes in both; the tensor names change and the
 two global scales are inverted (compressed-tensors divides by them, ModelOpt multiplies). The output
 loads in fp4serve and in vLLM's `modelopt` path."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ def compressed_tensors_to_modelopt(src: str | Path, dst: str | Path) -> Path:
     kv = quant.kv_cache_algo
     common = {"quant_algo": algo, "kv_cache_quant_algo": kv, "group_size": 16}
     # hf_quant_config.json names the exclusions `exclude_modules`; config.json's newer form says `ignore`
-    hf_quant = {"producer": {"name": "fp4serve", "version": "0.1.0"},
-                "quantization": {**common, "exclude_modules": sorted(excluded)}}  # fmt: skip
+    hf_quant = {
+        "producer": {"name": "fp4serve", "version": "0.1.0"},
+        "quantization": {**common, "exclude_modules": sorted(excluded)},
+    }
     (dst / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "modelopt", **common, "ignore": sorted(excluded)}

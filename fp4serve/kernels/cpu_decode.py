@@ -9,6 +9,7 @@ cache; one call runs every layer for M rows with the residual stream in fp32.
 Which models and steps take it is decided by the model (models/llama.py `fused_decoder`), which
 builds the description from its layers; this module knows tensors, not modules. Its truth is the
 per-layer torch path (tests/unit/test_cpu_decode.py); FP4SERVE_CPU_DECODE=torch forces that path."""
+
 from __future__ import annotations
 
 import ctypes
@@ -28,28 +29,55 @@ def c_decode_enabled() -> bool:
     """False when FP4SERVE_CPU_DECODE=torch asks for the per-layer torch path everywhere (the
     fused step, the C decode attention, and the plain weights kept for them)."""
     return os.environ.get(ENV_VAR, "fused") != "torch"
+
+
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}
 NVFP4 = 2
 # The C code keeps per-row outputs in arrays of 64.
 MAX_ROWS = 64
 
 
-
 class _Weight(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("weight", ctypes.c_void_p),
-                ("block_scales", ctypes.c_void_p), ("global_scales", ctypes.c_void_p),
-                ("global_stride", ctypes.c_int64), ("bias", ctypes.c_void_p)]  # fmt: skip
+    _fields_ = [
+        ("kind", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("weight", ctypes.c_void_p),
+        ("block_scales", ctypes.c_void_p),
+        ("global_scales", ctypes.c_void_p),
+        ("global_stride", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+    ]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _Weight), ("o", _Weight), ("gate_up", _Weight), ("down", _Weight),
-                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]  # fmt: skip
+    _fields_ = [
+        ("qkv", _Weight),
+        ("o", _Weight),
+        ("gate_up", _Weight),
+        ("down", _Weight),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim",
-                                                    "intermediate", "block_size", "cache_bf16", "bf16_activations")]
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in (
+            "num_layers",
+            "hidden",
+            "heads",
+            "kv_heads",
+            "head_dim",
+            "intermediate",
+            "block_size",
+            "cache_bf16",
+            "bf16_activations",
+        )
+    ]
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("e4m3_table", ctypes.c_void_p)]
 
 
@@ -87,9 +115,18 @@ class FusedDecoder:
     """Every layer of one decode step, in one C call. Keeps the tensors it points at alive."""
 
     def __init__(
-        self, layers: list[LayerTensors], hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
-        block_size: int, eps: float, scale: float, lib: ctypes.CDLL | None = None,
-    ):  # fmt: skip
+        self,
+        layers: list[LayerTensors],
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        intermediate: int,
+        block_size: int,
+        eps: float,
+        scale: float,
+        lib: ctypes.CDLL | None = None,
+    ):
         """lib: the kernel library (default: this CPU's level; tests pass the builds of others)."""
         lib = lib or cpu_library()
         if lib is None:
@@ -100,8 +137,20 @@ class FusedDecoder:
         # A bf16 model's projections take bf16 inputs, as in the per-layer path, where the CPU has
         # bf16 dot products (then 2x the products per instruction).
         self.bf16_activations = bf16 and lib.bf16_dot
-        self.model = _Model(len(layers), hidden, heads, kv_heads, head_dim, intermediate, block_size, int(bf16),
-                            int(self.bf16_activations), eps, scale, E4M3_BYTE_VALUES.data_ptr())  # fmt: skip
+        self.model = _Model(
+            len(layers),
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate,
+            block_size,
+            int(bf16),
+            int(self.bf16_activations),
+            eps,
+            scale,
+            E4M3_BYTE_VALUES.data_ptr(),
+        )
         self._alive: list[Tensor] = [E4M3_BYTE_VALUES]
         self.layers = (_Layer * len(layers))()
         for slot, layer in zip(self.layers, layers):
@@ -124,8 +173,16 @@ class FusedDecoder:
             return _Weight(_KINDS[w.dense.dtype], n, k, self._keep(w.dense), None, None, 0, bias)
         n, k = w.packed.shape[0], w.packed.shape[1] * 2
         g = w.row_global.float().reshape(-1).contiguous()
-        return _Weight(NVFP4, n, k, self._keep(w.packed), self._keep(w.block_scales.contiguous().view(torch.uint8)),
-                       self._keep(g), int(g.numel() > 1), bias)  # fmt: skip
+        return _Weight(
+            NVFP4,
+            n,
+            k,
+            self._keep(w.packed),
+            self._keep(w.block_scales.contiguous().view(torch.uint8)),
+            self._keep(g),
+            int(g.numel() > 1),
+            bias,
+        )
 
     def __call__(
         self, x: Tensor, slots: Tensor, block_tables: Tensor, context_lens: Tensor, cos: Tensor, sin: Tensor
@@ -145,8 +202,18 @@ class FusedDecoder:
         if self._scratch.numel() < need:
             self._scratch = torch.empty(int(need * 1.5) + 4096, dtype=torch.float32)
         self.lib.llama_decode(
-            ctypes.byref(self.model), self.layers, x.data_ptr(), M, slots.data_ptr(), tables.data_ptr(),
-            tables.shape[1], lens.data_ptr(), cos.data_ptr(), sin.data_ptr(), self._scratch.data_ptr(), max_context,
+            ctypes.byref(self.model),
+            self.layers,
+            x.data_ptr(),
+            M,
+            slots.data_ptr(),
+            tables.data_ptr(),
+            tables.shape[1],
+            lens.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            self._scratch.data_ptr(),
+            max_context,
             threads,
-        )  # fmt: skip
+        )
         return x

@@ -17,6 +17,7 @@ bf16 matrix math is native only at avx512_bf16, amx or neon_bf16; below that tor
 converts element by element and runs hundreds of times slower than fp32 (measured on AVX2 Zen 2:
 0.3 vs 142 GFLOP/s), and oneDNN refuses to pre-pack bf16 weights without AVX-512 BW/VL/DQ.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,11 +44,19 @@ REQUIRED = {
 }
 # Flags named in the start log, as people know them.
 REPORTED = {
-    "x86_64": (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX512F"), ("avx512bw", "BW"), ("avx512vl", "VL"),
-               ("avx512dq", "DQ"), ("avx512_bf16", "AVX512-BF16"), ("avx_ne_convert", "AVX-NE-CONVERT"),
-               ("amx_bf16", "AMX-BF16")),
+    "x86_64": (
+        ("avx2", "AVX2"),
+        ("fma", "FMA"),
+        ("avx512f", "AVX512F"),
+        ("avx512bw", "BW"),
+        ("avx512vl", "VL"),
+        ("avx512dq", "DQ"),
+        ("avx512_bf16", "AVX512-BF16"),
+        ("avx_ne_convert", "AVX-NE-CONVERT"),
+        ("amx_bf16", "AMX-BF16"),
+    ),
     "aarch64": (("asimd", "NEON"), ("sve", "SVE"), ("bf16", "BF16"), ("i8mm", "I8MM")),
-}  # fmt: skip
+}
 
 
 def _machine_arch() -> str:

@@ -7,6 +7,7 @@ than the math, so rows are gathered into a padded [B, Hkv, max_ctx, D] view with
 matmuls rather than SDPA: torch's CPU SDPA kernel is tuned for long queries and is ~4x slower for
 one-token queries in bf16. fp8 and nvfp4 caches are decoded after the gather, so only the blocks a
 step reads are dequantized. Tested against layers.attention.paged_attention_ref."""
+
 from __future__ import annotations
 
 import torch
@@ -88,10 +89,23 @@ def _c_decode_attention(lib, q, k_cache, v_cache, block_tables, context_lens, sc
     tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
     status = lib.paged_decode_attention(
-        qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), tables.data_ptr(),
-        tables.shape[1], lens.data_ptr(), B, H, k_cache.shape[2], D, k_cache.shape[1], scale, sliding_window or 0,
-        out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        qf.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        int(k_cache.dtype == torch.bfloat16),
+        tables.data_ptr(),
+        tables.shape[1],
+        lens.data_ptr(),
+        B,
+        H,
+        k_cache.shape[2],
+        D,
+        k_cache.shape[1],
+        scale,
+        sliding_window or 0,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     if status:
         raise MemoryError("decode attention: no memory for the score buffers")
     return out.to(q.dtype)

@@ -4,6 +4,7 @@
 through the block table and decoded (formats/kv_codec.py: plain, fp8 or nvfp4 storage), plain SDPA
 with a causal offset mask. Fast paths in kernels/ must match it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,9 +18,13 @@ from fp4serve.layers.cache_spec import KVCacheSpec
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
     kv: KVQuant | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode k, v [T, Hkv, D] (kv: the storage format and scales; default plain in the cache
     dtype) and store them at flat slots of caches shaped [num_blocks, block_size, Hkv, row_width].
     Returns the stored rows."""
@@ -79,9 +84,17 @@ def paged_attention_ref(
 
 
 def paged_attention(
-    q, k_new, v_new, k_cache, v_cache, batch: ForwardBatch, scale: float, causal: bool,
-    sliding_window: int | None = None, kv: KVQuant | None = None,
-) -> torch.Tensor:  # fmt: skip
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    v_cache,
+    batch: ForwardBatch,
+    scale: float,
+    causal: bool,
+    sliding_window: int | None = None,
+    kv: KVQuant | None = None,
+) -> torch.Tensor:
     """Dispatch, every path equal to paged_attention_ref: decode rows (one query token each) go
     through the batched kernel in one call; a prompt's first chunk attends to its own fresh K/V
     (k_new/v_new [T, Hkv, row_width], the rows as stored in the cache) without gathering the cache;
@@ -94,7 +107,9 @@ def paged_attention(
             ("decode_gather", sliding_window, q.dtype),
             lambda: gather_plan(batch.block_tables, batch.context_lens, batch.block_size, sliding_window, q.dtype),
         )
-        return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, sliding_window, plan, kv)
+        return decode_attention(
+            q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, sliding_window, plan, kv
+        )
     out = torch.empty_like(q)
     decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
     if decode:
@@ -115,7 +130,9 @@ def paged_attention(
             # came from the cache (prefix-cache hits, chunked prefill, speculative verification).
             ki, vi = kv.decode_k(k_new[rows], q.dtype), kv.decode_v(v_new[rows], q.dtype)
             qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[rows], ki, vi))  # 4-D: the flash kernel (above)
-            out[rows] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+            out[rows] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)[
+                0
+            ].transpose(0, 1)
         else:
             chunks.append(i)
     return paged_attention_ref(q, k_cache, v_cache, batch, scale, causal, sliding_window, seqs=chunks, out=out, kv=kv)
@@ -177,6 +194,15 @@ class PagedAttention(nn.Module):
             self.v_scale.copy_(self.kv.format.scale_for_amax(v.abs().amax()))
         k_stored, v_stored = write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping, self.kv)
         out = paged_attention(
-            q, k_stored, v_stored, self.k_cache, self.v_cache, batch, self.scale, self.causal, self.sliding_window, self.kv
+            q,
+            k_stored,
+            v_stored,
+            self.k_cache,
+            self.v_cache,
+            batch,
+            self.scale,
+            self.causal,
+            self.sliding_window,
+            self.kv,
         )
         return out.reshape(T, self.num_heads * self.head_dim)

@@ -11,6 +11,7 @@ Each sequence carries two tensors in its state slot between steps: the last (ker
 inputs and the fp32 recurrent state, so a sequence may be processed in any split (chunked prefill,
 then one-token decodes) with the same result.
 """
+
 from __future__ import annotations
 
 import torch
@@ -201,10 +202,12 @@ class GatedDeltaNet(nn.Module):
         self.recurrent_state: torch.Tensor | None = None  # [slots, Hv, dk, dv] fp32
 
     def cache_spec(self) -> StateSpec:
-        return StateSpec((
-            ("conv_state", (self.conv_kernel - 1, self.conv_dim), self.dtype),
-            ("recurrent_state", (self.num_v_heads, self.head_k_dim, self.head_v_dim), torch.float32),
-        ))  # fmt: skip
+        return StateSpec(
+            (
+                ("conv_state", (self.conv_kernel - 1, self.conv_dim), self.dtype),
+                ("recurrent_state", (self.num_v_heads, self.head_k_dim, self.head_v_dim), torch.float32),
+            )
+        )
 
     def bind_cache(self, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
         self.conv_state, self.recurrent_state = conv_state, recurrent_state
@@ -234,9 +237,14 @@ class GatedDeltaNet(nn.Module):
             rows = torch.cat([torch.arange(batch.query_start[i], batch.query_start[i] + n) for i in seqs]).to(x.device)
             shape = (len(seqs), n)
             out = self._mix(
-                qkv[rows].view(*shape, -1), g[rows].view(*shape, -1), beta[rows].view(*shape, -1), batch, seqs,
-                chunked=False, keep_states=True,
-            )  # fmt: skip
+                qkv[rows].view(*shape, -1),
+                g[rows].view(*shape, -1),
+                beta[rows].view(*shape, -1),
+                batch,
+                seqs,
+                chunked=False,
+                keep_states=True,
+            )
             core[rows] = out.flatten(0, 1)
         for i, n in enumerate(batch.query_lens):
             if n != 1 and not drafts[i]:

@@ -17,6 +17,7 @@ shard: each shard's rows are dequantized with their own scale, which is exact (v
 max and silently changes the weights). Shards whose activation scales differ get their activations
 quantized separately for the same reason.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,12 +43,20 @@ log = logging.getLogger(__name__)
 
 # checkpoint tensor name -> (our buffer, stored as a divisor?)
 _LAYOUT_NAMES = {
-    MODELOPT: {"weight": ("weight_packed", False), "weight_scale": ("weight_scale", False),
-               "weight_scale_2": ("weight_global", False), "input_scale": ("input_global", False),
-               "pre_quant_scale": ("pre_quant_scale", False)},
-    COMPRESSED_TENSORS: {"weight_packed": ("weight_packed", False), "weight_scale": ("weight_scale", False),
-                         "weight_global_scale": ("weight_global", True), "input_global_scale": ("input_global", True)},
-}  # fmt: skip
+    MODELOPT: {
+        "weight": ("weight_packed", False),
+        "weight_scale": ("weight_scale", False),
+        "weight_scale_2": ("weight_global", False),
+        "input_scale": ("input_global", False),
+        "pre_quant_scale": ("pre_quant_scale", False),
+    },
+    COMPRESSED_TENSORS: {
+        "weight_packed": ("weight_packed", False),
+        "weight_scale": ("weight_scale", False),
+        "weight_global_scale": ("weight_global", True),
+        "input_global_scale": ("input_global", True),
+    },
+}
 
 
 def fake_quantize_activations(x: torch.Tensor, input_global: torch.Tensor | None) -> torch.Tensor:
@@ -81,7 +90,9 @@ class NVFP4LinearMethod(LinearMethod):
         shards = len(layer.output_sizes)
         out, cols = layer.out_features, layer.in_features
         layer.register_buffer("weight_packed", torch.zeros(out, cols // 2, dtype=torch.uint8, device=device))
-        layer.register_buffer("weight_scale", torch.zeros(out, cols // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=device))  # fmt: skip
+        layer.register_buffer(
+            "weight_scale", torch.zeros(out, cols // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=device)
+        )
         layer.register_buffer("weight_global", torch.zeros(shards, dtype=torch.float32, device=device))
         if self.input_scales:
             layer.register_buffer("input_global", torch.zeros(shards, dtype=torch.float32, device=device))
@@ -117,11 +128,15 @@ class NVFP4LinearMethod(LinearMethod):
             target[rows].copy_(tensor)
         elif ours == "pre_quant_scale":
             if tuple(tensor.shape) != (layer.in_features,):
-                raise CheckpointError(f"{layer.prefix}.{name}: shape {tuple(tensor.shape)}, expected ({layer.in_features},)")
+                raise CheckpointError(
+                    f"{layer.prefix}.{name}: shape {tuple(tensor.shape)}, expected ({layer.in_features},)"
+                )
             target[index].copy_(tensor)
         else:
             if tensor.numel() != 1:
-                raise CheckpointError(f"{layer.prefix}.{name}: a global scale must be one number, got shape {tuple(tensor.shape)}")  # fmt: skip
+                raise CheckpointError(
+                    f"{layer.prefix}.{name}: a global scale must be one number, got shape {tuple(tensor.shape)}"
+                )
             value = tensor.float().reshape(())
             if not (torch.isfinite(value) and value > 0):
                 raise CheckpointError(f"{layer.prefix}.{name}: global scale {value.item()} is not a positive number")
@@ -133,7 +148,9 @@ class NVFP4LinearMethod(LinearMethod):
         rows = layer.dense_shard_rows(tensor, shard)
         if not hasattr(layer, "staging"):
             # 16-bit copy of the whole fused matrix, freed as soon as its last shard arrives
-            layer.staging = torch.empty(layer.out_features, layer.in_features, dtype=layer.model_dtype, device=layer.weight_packed.device)  # fmt: skip
+            layer.staging = torch.empty(
+                layer.out_features, layer.in_features, dtype=layer.model_dtype, device=layer.weight_packed.device
+            )
         layer.staging[rows].copy_(tensor)
         layer.shards_loaded.add(shard)
         if len(layer.shards_loaded) == len(layer.output_sizes):
@@ -152,14 +169,16 @@ class NVFP4LinearMethod(LinearMethod):
         if len(set(layer.weight_global.tolist())) > 1:
             log.info(
                 "%s: shards have different weight global scales %s; each shard keeps its own (exact)",
-                layer.prefix, [f"{g:.3g}" for g in layer.weight_global.tolist()],
-            )  # fmt: skip
+                layer.prefix,
+                [f"{g:.3g}" for g in layer.weight_global.tolist()],
+            )
         layer.activation_groups = self._activation_groups(layer)
         if len(layer.activation_groups) > 1:
             log.info("%s: shards have different activation scales; their inputs are quantized separately", layer.prefix)
 
     def _activation_groups(self, layer) -> list[tuple[slice, int]]:
         """Runs of shards that share input transforms: [(output rows, representative shard)]."""
+
         def key(i):
             parts = []
             if self.input_scales:
@@ -204,7 +223,9 @@ class NVFP4LinearMethod(LinearMethod):
             xs = self.transform_input(layer, x, shard)
             bias = layer.bias[rows] if layer.bias is not None else None
             # the same weights as dequantized_weight(), decoded tile by tile (kernels/cpu_nvfp4.py)
-            outputs.append(nvfp4_linear(xs, layer.weight_packed[rows], layer.weight_scale[rows], layer.row_global[rows], bias))  # fmt: skip
+            outputs.append(
+                nvfp4_linear(xs, layer.weight_packed[rows], layer.weight_scale[rows], layer.row_global[rows], bias)
+            )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
     def reference_apply(self, layer, x):

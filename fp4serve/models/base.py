@@ -2,6 +2,7 @@
 
 forward(batch) -> hidden states for every scheduled token; compute_logits(rows) -> logits;
 load_weights(iter) strict; cache needs declared by layers that have a `cache_spec()`."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -33,9 +34,13 @@ class CausalLM(nn.Module):
         config = self.config
         tied = config.tie_word_embeddings
         self.lm_head = Linear(
-            config.hidden_size, config.vocab_size, dtype=self.dtype, prefix="lm_head", device="meta" if tied else None,
+            config.hidden_size,
+            config.vocab_size,
+            dtype=self.dtype,
+            prefix="lm_head",
+            device="meta" if tied else None,
             method=PlainLinearMethod() if tied else None,  # shares the embedding: never quantized on its own
-        )  # fmt: skip
+        )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError

@@ -24,6 +24,7 @@ target; the target's forward keeps the layer outputs its batch's capture_layers 
     drafter.write_context(feats[rows], batch.positions[rows], batch.slot_mapping[rows])  # committed rows
     drafts = drafter.propose(last_tokens, num_committed, block_tables)        # [N, B-1]
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,12 @@ from fp4serve.models.llama import LlamaMLP, head_dim_of
 from fp4serve.models.mtp import TargetModules, built_like, finish_linears
 from fp4serve.models.weights import LoadPlan, load_weights
 
-STACKED = [("kv_proj", "k_proj", 0), ("kv_proj", "v_proj", 1),
-           ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]  # fmt: skip
+STACKED = [
+    ("kv_proj", "k_proj", 0),
+    ("kv_proj", "v_proj", 1),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+]
 
 
 def draft_value(config, name: str, default=None):
@@ -86,9 +91,13 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, block_tables, context
         if not causal:
             mask = mask & (-offset < window)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None], scale=scale,
+        q.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
         enable_gqa=True,
-    )  # fmt: skip
+    )
     return out.transpose(1, 2)
 
 
@@ -279,10 +288,14 @@ def check_fits_target(config, target_config) -> None:
     num_layers = target_config.num_hidden_layers
     problems = []
     if config.hidden_size != target_config.hidden_size:
-        problems.append(f"hidden size {config.hidden_size} does not fit the target's {target_config.hidden_size} (hidden_size)")
+        problems.append(
+            f"hidden size {config.hidden_size} does not fit the target's {target_config.hidden_size} (hidden_size)"
+        )
     declared = draft_value(config, "num_target_layers")
     if declared is not None and declared != num_layers:
-        problems.append(f"num_target_layers {declared}: trained for a {declared}-layer target; this one has {num_layers}")
+        problems.append(
+            f"num_target_layers {declared}: trained for a {declared}-layer target; this one has {num_layers}"
+        )
     layer_ids = draft_value(config, "target_layer_ids") or []
     outside = [i for i in layer_ids if not 0 <= int(i) < num_layers]
     if outside:

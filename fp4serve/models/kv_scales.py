@@ -9,6 +9,7 @@ vLLM's own layout on the inner attention (`...self_attn.attn.k_scale`), and olde
 an nvfp4 cache it serves as the global scale. A scale whose module is not an attention layer is
 passed on, and the strict loader reports it as unexpected.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -26,7 +27,13 @@ from fp4serve.models.weights import LoadPlan
 log = logging.getLogger(__name__)
 
 # checkpoint suffix -> which scales it fills; longest first so `.k_proj.k_scale` wins over `.k_scale`
-SUFFIXES = ((".k_proj.k_scale", "k"), (".v_proj.v_scale", "v"), (".k_scale", "k"), (".v_scale", "v"), (".kv_scale", "kv"))
+SUFFIXES = (
+    (".k_proj.k_scale", "k"),
+    (".v_proj.v_scale", "v"),
+    (".k_scale", "k"),
+    (".v_scale", "v"),
+    (".kv_scale", "kv"),
+)
 
 
 def _attention_layer(modules: dict[str, nn.Module], path: str) -> PagedAttention | None:
@@ -76,14 +83,17 @@ def kv_scale_source(layers, kv_format: KVCacheFormat, calculate: bool) -> str:
         return f"calibrated per layer on the first prefill ({rule}, --calculate-kv-scales{overrides})"
     partial = [m for m in kv_layers if m.loaded_scales and m.loaded_scales != {"k", "v"}]
     if partial:
-        log.warning("%d attention layers have only one of k_scale/v_scale in the checkpoint; the other is 1.0", len(partial))
+        log.warning(
+            "%d attention layers have only one of k_scale/v_scale in the checkpoint; the other is 1.0", len(partial)
+        )
     if loaded == len(kv_layers):
         return f"from the checkpoint ({loaded} layers)"
     if kv_format.name == "fp8_e4m3":
         log.warning(
             "fp8 KV cache: %d of %d attention layers have no k_scale/v_scale in the checkpoint and use 1.0 "
             "(|values| beyond 448 saturate); --calculate-kv-scales calibrates them on the first prefill",
-            len(kv_layers) - loaded, len(kv_layers),
-        )  # fmt: skip
+            len(kv_layers) - loaded,
+            len(kv_layers),
+        )
     what = "1.0" if kv_format.name == "fp8_e4m3" else "global scale 1.0 (the per-16 E4M3 block scales carry the range)"
     return f"{what} for {len(kv_layers) - loaded} layers" + (f", from the checkpoint for {loaded}" if loaded else "")

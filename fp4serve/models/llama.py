@@ -5,6 +5,7 @@ On CPU, steps of few tokens (decode, speculative verification) of layers the fus
 (kernels/cpu_decode.py: no q/k norm, no sliding window, a 16/32-bit KV cache, NVFP4 W4A16 or
 readable dense weights) run every layer in one call; the modules below are its reference and run
 everything else."""
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,13 @@ log = logging.getLogger(__name__)
 # rows lose to oneDNN's GEMM beyond a few.
 FUSED_MAX_ROWS = {"nvfp4": 32, "dense": 6}
 
-FUSED = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
-         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]  # fmt: skip
+FUSED = [
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+]
 
 
 def head_dim_of(config) -> int:
@@ -46,20 +52,27 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias, dtype, prefix=f"{prefix}.qkv_proj")
+        self.qkv_proj = Linear(
+            config.hidden_size, [q_size, kv_size, kv_size], qkv_bias, dtype, prefix=f"{prefix}.qkv_proj"
+        )
         o_bias = bool(getattr(config, "attention_bias", False))  # Qwen2: q/k/v bias only
         self.o_proj = Linear(q_size, config.hidden_size, o_bias, dtype, prefix=f"{prefix}.o_proj")
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(self.head_dim, self.head_dim, config.rope_parameters, config.max_position_embeddings)
+        self.rotary = RotaryEmbedding(
+            self.head_dim, self.head_dim, config.rope_parameters, config.max_position_embeddings
+        )
         layer_types = getattr(config, "layer_types", None)
         sliding = layer_types is not None and layer_types[layer_idx] == "sliding_attention"
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
             sliding_window=config.sliding_window if sliding else None,
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
@@ -137,7 +150,9 @@ class LlamaModel(nn.Module):
         if any(t is None for t in caches):
             return None  # not bound yet: decide once they are
         plan = getattr(self, "_fused", None)
-        if plan is None or (plan.decoder is not None and plan.decoder.cache_pointers != tuple(t.data_ptr() for t in caches)):
+        if plan is None or (
+            plan.decoder is not None and plan.decoder.cache_pointers != tuple(t.data_ptr() for t in caches)
+        ):
             plan = self._fused = FusedPlan.build(self)
         if plan.decoder is None or batch.num_tokens > plan.max_rows:
             return None
@@ -150,12 +165,18 @@ def _weight_tensors(linear: Linear) -> tuple[cpu_decode.WeightTensors | None, st
     if isinstance(method, NVFP4LinearMethod):
         if method.compute != "w4a16" or method.pre_quant_scale or len(linear.activation_groups) > 1:
             return None, f"{linear.prefix}: NVFP4 with activation transforms"
-        w = cpu_decode.WeightTensors(packed=linear.weight_packed, block_scales=linear.weight_scale,
-                                     row_global=linear.row_global, bias=linear.bias)  # fmt: skip
+        w = cpu_decode.WeightTensors(
+            packed=linear.weight_packed,
+            block_scales=linear.weight_scale,
+            row_global=linear.row_global,
+            bias=linear.bias,
+        )
         return w, "nvfp4"
     if type(method) is PlainLinearMethod or (isinstance(method, PackedCPULinearMethod) and hasattr(linear, "weight")):
         w = cpu_decode.WeightTensors(dense=linear.weight.detach(), bias=linear.bias)
-        return (w, "dense") if cpu_decode.supported_weight(w) else (None, f"{linear.prefix}: {linear.weight.dtype} weight")
+        return (
+            (w, "dense") if cpu_decode.supported_weight(w) else (None, f"{linear.prefix}: {linear.weight.dtype} weight")
+        )
     return None, f"{linear.prefix}: {type(method).__name__} weights"
 
 
@@ -178,19 +199,31 @@ class FusedPlan:
                     reason = missing
                     break
                 kinds.update(kind for _, kind in parts)
-                layers.append(cpu_decode.LayerTensors(
-                    *(w for w, _ in parts), layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                    attn.attn.k_cache, attn.attn.v_cache,
-                ))  # fmt: skip
+                layers.append(
+                    cpu_decode.LayerTensors(
+                        *(w for w, _ in parts),
+                        layer.input_layernorm.weight,
+                        layer.post_attention_layernorm.weight,
+                        attn.attn.k_cache,
+                        attn.attn.v_cache,
+                    )
+                )
         if reason is not None:
             log.info("CPU steps run layer by layer in torch (fused C step off: %s)", reason)
             return cls(None, 0)
         first = model.layers[0]
         attn = first.self_attn
         decoder = cpu_decode.FusedDecoder(
-            layers, first.input_layernorm.weight.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim,
-            first.mlp.down_proj.in_features, attn.attn.k_cache.shape[1], first.input_layernorm.eps, attn.attn.scale,
-        )  # fmt: skip
+            layers,
+            first.input_layernorm.weight.shape[0],
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_dim,
+            first.mlp.down_proj.in_features,
+            attn.attn.k_cache.shape[1],
+            first.input_layernorm.eps,
+            attn.attn.scale,
+        )
         max_rows = min(FUSED_MAX_ROWS[kind] for kind in kinds)
         log.info("CPU steps of up to %d tokens run fused in C (%s weights)", max_rows, "/".join(sorted(kinds)))
         return cls(decoder, max_rows)

@@ -1,4 +1,5 @@
 """Build a model from a directory: class from the registry, strict weight load."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def load_model(
-    info: ModelInfo, dtype: torch.dtype, device: torch.device, quant: QuantConfig | None = None, nvfp4_compute: str = "w4a16",
+    info: ModelInfo,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: QuantConfig | None = None,
+    nvfp4_compute: str = "w4a16",
     nvfp4_lm_head: bool = False,
-):  # fmt: skip
+):
     """quant: the resolved quantization (the checkpoint's, or on-the-fly nvfp4); None: plain weights.
     nvfp4_lm_head: quantize a 16-bit lm_head to NVFP4 W4A16 after loading (see quantize_lm_head)."""
     cls = model_class(info.architectures)
@@ -55,11 +60,19 @@ def load_model(
         # which stays in torch).
         fused = getattr(model, "fused_cpu_decode", False) and c_decode_enabled()
         packed, kept = pack_model_linears(model, lambda name: fused and name != "lm_head")
-        log.info("packed %d bf16 Linear weights for oneDNN%s", packed, f"; kept the plain weights of {kept} for the fused decode step" if kept else "")
+        log.info(
+            "packed %d bf16 Linear weights for oneDNN%s",
+            packed,
+            f"; kept the plain weights of {kept} for the fused decode step" if kept else "",
+        )
     log.info(
         "loaded %s (%s, %.1fM parameters, %s) in %.1f s",
-        info.path.name, cls.__name__, params / 1e6, str(dtype).removeprefix("torch."), time.perf_counter() - start,
-    )  # fmt: skip
+        info.path.name,
+        cls.__name__,
+        params / 1e6,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - start,
+    )
     return model
 
 
@@ -74,15 +87,25 @@ def quantize_lm_head(model, dtype: torch.dtype) -> None:
         log.info("--nvfp4-lm-head: the lm_head is already %s; left as it is", type(head.method).__name__)
         return
     weight = head.weight.detach()
-    quantized = Linear(head.in_features, head.out_features, head.bias is not None, dtype,
-                       method=NVFP4LinearMethod(ON_THE_FLY, "w4a16"), prefix=head.prefix, device=weight.device)  # fmt: skip
+    quantized = Linear(
+        head.in_features,
+        head.out_features,
+        head.bias is not None,
+        dtype,
+        method=NVFP4LinearMethod(ON_THE_FLY, "w4a16"),
+        prefix=head.prefix,
+        device=weight.device,
+    )
     quantized.load("weight", weight)
     if head.bias is not None:
         quantized.load("bias", head.bias.detach())
     quantized.method.process_weights_after_loading(quantized)
     model.lm_head = quantized
-    log.info("lm_head quantized to NVFP4 (--nvfp4-lm-head): %.1f MiB instead of %.1f MiB",
-             quantized.method.weight_bytes(quantized) / 2**20, weight.numel() * weight.element_size() / 2**20)  # fmt: skip
+    log.info(
+        "lm_head quantized to NVFP4 (--nvfp4-lm-head): %.1f MiB instead of %.1f MiB",
+        quantized.method.weight_bytes(quantized) / 2**20,
+        weight.numel() * weight.element_size() / 2**20,
+    )
 
 
 def log_weight_bytes(model, dtype: torch.dtype) -> None:
@@ -94,5 +117,8 @@ def log_weight_bytes(model, dtype: torch.dtype) -> None:
             dense += module.out_features * module.in_features * dtype.itemsize
     log.info(
         "NVFP4 Linear weights: %.1f MiB in memory (%.1f MiB in %s; %.2fx smaller)",
-        held / 2**20, dense / 2**20, str(dtype).removeprefix("torch."), dense / held if held else 0.0,
-    )  # fmt: skip
+        held / 2**20,
+        dense / 2**20,
+        str(dtype).removeprefix("torch."),
+        dense / held if held else 0.0,
+    )

@@ -4,6 +4,7 @@ Ignore lists name checkpoint modules (`model.language_model.layers.0.self_attn.q
 Linears are fused and renamed (`model.layers.0.self_attn.qkv_proj`); `checkpoint_module_names` maps
 one to the other with the model's own stacking and renaming rules, so the decision is made on the
 names the user wrote."""
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ def checkpoint_module_names(
                 shard_names[index] = prefix[: -len(ours)] + theirs
     result = []
     for name in shard_names:
-        forms = [name] + [old + name[len(new):] for old, new in renames if name.startswith(new)]
+        forms = [name] + [old + name[len(new) :] for old, new in renames if name.startswith(new)]
         result.append(forms)
     return result
 
@@ -63,17 +64,23 @@ class LinearMethodChooser:
             self.kept.append(prefix)
             return None
         self.num_quantized += 1
-        return NVFP4LinearMethod(self.quant.method, self.compute, self.quant.has_input_scales, self.quant.has_pre_quant_scale)  # fmt: skip
+        return NVFP4LinearMethod(
+            self.quant.method, self.compute, self.quant.has_input_scales, self.quant.has_pre_quant_scale
+        )
 
     def report(self) -> None:
         unmatched = [p for p in self.quant.ignore if p not in self.matched_ignores]
         log.info(
             "NVFP4 (%s, %s): %d Linear layers quantized, %d kept in 16 bits%s",
-            self.quant.method, self.compute, self.num_quantized, len(self.kept),
+            self.quant.method,
+            self.compute,
+            self.num_quantized,
+            len(self.kept),
             f" ({', '.join(self.kept[:6])}{', ...' if len(self.kept) > 6 else ''})" if self.kept else "",
-        )  # fmt: skip
+        )
         if unmatched and self.quant.method != ON_THE_FLY:
             log.warning(
                 "quantization ignore entries that match no Linear of this model (mis-named, or a module fp4serve "
-                "does not build, such as a vision tower): %s", unmatched,
-            )  # fmt: skip
+                "does not build, such as a vision tower): %s",
+                unmatched,
+            )

@@ -6,6 +6,7 @@ except the GDN output norm. The *ForConditionalGeneration checkpoints nest the l
 `model.language_model.` next to the vision tower `model.visual.`; only the text path is served, so
 the tower and the MTP head (`mtp.*`, unless a drafter takes it) are dropped by name, and logged.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -25,11 +26,16 @@ from fp4serve.models.weights import LoadPlan
 
 # (our fused Linear, checkpoint module, shard). gate/up also covers the shared expert and every expert.
 STACKED = [
-    ("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
-    ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
-    ("in_proj_qkvz", "in_proj_qkv", 0), ("in_proj_qkvz", "in_proj_z", 1),
-    ("in_proj_ba", "in_proj_b", 0), ("in_proj_ba", "in_proj_a", 1),
-]  # fmt: skip
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+    ("in_proj_qkvz", "in_proj_qkv", 0),
+    ("in_proj_qkvz", "in_proj_z", 1),
+    ("in_proj_ba", "in_proj_b", 0),
+    ("in_proj_ba", "in_proj_a", 1),
+]
 
 
 class Qwen3_5Attention(nn.Module):
@@ -76,21 +82,32 @@ class Qwen3_5DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, zero_centered=True)
         if self.layer_type == "linear_attention":
             self.linear_attn = GatedDeltaNet(
-                config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
-                config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
-                eps, dtype, prefix=f"{prefix}.linear_attn",
-            )  # fmt: skip
+                config.hidden_size,
+                config.linear_num_key_heads,
+                config.linear_num_value_heads,
+                config.linear_key_head_dim,
+                config.linear_value_head_dim,
+                config.linear_conv_kernel_dim,
+                eps,
+                dtype,
+                prefix=f"{prefix}.linear_attn",
+            )
         elif self.layer_type == "full_attention":
             self.self_attn = Qwen3_5Attention(config, dtype, f"{prefix}.self_attn")
         else:
             raise ValueError(f"layer {layer_idx}: unknown layer type {self.layer_type!r}")
         if moe:
             self.mlp = SparseMoeBlock(
-                config.hidden_size, config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                config.hidden_size,
+                config.num_experts,
+                config.num_experts_per_tok,
+                config.moe_intermediate_size,
                 config.shared_expert_intermediate_size,
                 # transformers' qwen3_5_moe always renormalizes the top-k weights; honour an explicit config flag
-                getattr(config, "norm_topk_prob", True), dtype, f"{prefix}.mlp",
-            )  # fmt: skip
+                getattr(config, "norm_topk_prob", True),
+                dtype,
+                f"{prefix}.mlp",
+            )
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, f"{prefix}.mlp")
 

@@ -2,6 +2,7 @@
 
 KL(p_ref || p_quant) per position and top-1 agreement over a fixed text, computed in fp32 from
 full-sequence logits (one prefill with the model's own caches, no engine)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,12 @@ EVAL_TEXT = (
 
 
 def load_for_eval(
-    path: str | Path, dtype: torch.dtype, quantization: str | None = None, compute: str = "w4a16", nvfp4_lm_head: bool = False
-):  # fmt: skip
+    path: str | Path,
+    dtype: torch.dtype,
+    quantization: str | None = None,
+    compute: str = "w4a16",
+    nvfp4_lm_head: bool = False,
+):
     """A model with caches for one sequence of up to 4096 tokens (None quantization: as the files say)."""
     info = ModelInfo.load(path)
     quant = resolve_quantization(quantization, info.quant, path)
@@ -55,6 +60,8 @@ def compare_logits(reference: torch.Tensor, test: torch.Tensor) -> dict[str, flo
     kl = (ref_logp.exp() * (ref_logp - test_logp)).sum(-1)
     agree = (reference.argmax(-1) == test.argmax(-1)).float().mean()
     return {
-        "kl_mean": kl.mean().item(), "kl_max": kl.max().item(), "top1_agreement": agree.item(),
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "top1_agreement": agree.item(),
         "max_abs_logit_diff": (reference.float() - test.float()).abs().max().item(),
-    }  # fmt: skip
+    }

@@ -1,4 +1,5 @@
 """Speculative-decoding counters with vLLM's meanings (docs/reference.md section 7)."""
+
 from __future__ import annotations
 
 import copy
@@ -88,16 +89,22 @@ class SpecDecodingLogger:
             return
         s, last = self.stats, self.last
         delta = SpecDecodingStats(
-            s.num_speculative_tokens, s.num_drafts - last.num_drafts, s.num_draft_tokens - last.num_draft_tokens,
+            s.num_speculative_tokens,
+            s.num_drafts - last.num_drafts,
+            s.num_draft_tokens - last.num_draft_tokens,
             s.num_accepted_tokens - last.num_accepted_tokens,
             [a - b for a, b in zip(s.accepted_per_position, last.accepted_per_position)],
-        )  # fmt: skip
+        )
         log.info(
             "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted throughput: %.2f tokens/s, "
             "Drafted throughput: %.2f tokens/s, Accepted: %d tokens, Drafted: %d tokens, "
             "Per-position acceptance rate: %s, Avg Draft acceptance rate: %.1f%%",
-            delta.mean_acceptance_length, delta.num_accepted_tokens / (now - self.last_time),
-            delta.num_draft_tokens / (now - self.last_time), delta.num_accepted_tokens, delta.num_draft_tokens,
-            ", ".join(f"{r:.3f}" for r in delta.per_position_rates()), 100 * delta.acceptance_rate,
-        )  # fmt: skip
+            delta.mean_acceptance_length,
+            delta.num_accepted_tokens / (now - self.last_time),
+            delta.num_draft_tokens / (now - self.last_time),
+            delta.num_accepted_tokens,
+            delta.num_draft_tokens,
+            ", ".join(f"{r:.3f}" for r in delta.per_position_rates()),
+            100 * delta.acceptance_rate,
+        )
         self.last, self.last_time = copy.deepcopy(s), now
