@@ -260,16 +260,17 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception:
+        except Exception as e:
             # engine.step() fails requests itself, each alone where it can: this is a bug beyond
             # that. The engine cannot tell which requests it left half-done, so all of them end
             # with the error and the engine is left empty for the next request. Should an abort
             # fail too, the engine is broken beyond that: the exception ends the loop.
             log.exception("engine step failed; failing the %d running requests", len(self._streams))
+            error = RequestFailedError(f"the engine failed while running this request: {e!r}")
             for request_id, stream in list(self._streams.items()):
                 self.engine.abort_request(request_id)
                 del self._streams[request_id]
-                stream._put(_request_failed(request_id))
+                stream._put(error)
             return
         for output in outputs:
             stream = self._streams[output.request_id]
@@ -280,5 +281,5 @@ class AsyncEngine:
 
 
 def _request_failed(request_id: str) -> RequestFailedError:
-    # The exception's text stays in the server log (with the request id): clients see none of it.
+    # The exception's text stays in the server log (with the request id): the client sees none of it.
     return RequestFailedError(f"internal error: the engine failed while running request {request_id}")

@@ -308,8 +308,9 @@ class LLMEngine:
     def _draw_tokens_isolating(self, logits: torch.Tensor, requests: list[Request], rows: list[SamplingRow],
                                drafts: list[list[int]] | None) -> tuple[list, list]:  # fmt: skip
         """_draw_tokens for the whole batch. Should it raise, once more one request at a time, so
-        that only the requests whose own rows raise fail (their tokens are None) and the others get
-        the tokens they would have had (every row is processed and drawn on its own)."""
+        that only the requests whose own rows raise fail (their tokens are None). Rows are processed
+        independently, so the others' greedy tokens are the batch's; a random row redraws (seeded
+        rows from their own generators, which a failure before the draw has not advanced)."""
         try:
             return self._draw_tokens(logits, rows, drafts)
         except Exception:
@@ -331,7 +332,9 @@ class LLMEngine:
         return token_lists, logprob_lists
 
     @staticmethod
-    def _draw_tokens(logits: torch.Tensor, rows: list[SamplingRow], drafts: list[list[int]] | None) -> tuple[list, list]:
+    def _draw_tokens(
+        logits: torch.Tensor, rows: list[SamplingRow], drafts: list[list[int]] | None
+    ) -> tuple[list, list]:
         """Per row: its new tokens (sampled; or its accepted drafts then one target token) and
         their logprobs (None where not asked)."""
         if drafts is None:
@@ -340,7 +343,9 @@ class LLMEngine:
         verified = verify(logits, rows, drafts)
         return verified.token_ids, verified.logprobs
 
-    def _propose(self, plan: SchedulerPlan, step: StepOutput, num_accepted: list[int], outputs: list[RequestOutput]) -> None:
+    def _propose(
+        self, plan: SchedulerPlan, step: StepOutput, num_accepted: list[int], outputs: list[RequestOutput]
+    ) -> None:
         """Draft tokens for every running request whose next step is a decode (all its tokens but
         the last computed), at most as many as its remaining length allows. Model drafters also
         read the committed rows of the step to keep their own caches."""
@@ -365,7 +370,8 @@ class LLMEngine:
         try:
             drafts = self.proposer.propose(requests, limits, committed, self.scheduler.reserve)
         except Exception:
-            log.warning("drafting for the batch failed; drafting for its %d requests one by one", len(rows), exc_info=True)
+            log.warning("drafting for the batch failed; drafting for its %d requests one by one", len(rows),
+                        exc_info=True)  # fmt: skip
             drafts = self._propose_one_by_one(requests, limits, committed, outputs)
         for request, draft in zip(requests, drafts):
             request.draft_token_ids = draft

@@ -14,15 +14,18 @@ import asyncio
 import random
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from spec_checkpoints import make_mtp_target
 
 import fp4serve.engine.engine as engine_module
 from fp4serve import LLM, SamplingParams
+from fp4serve import metric_names as names
 from fp4serve.engine.async_engine import AsyncEngine, RequestFailedError
+from fp4serve.server.metrics import metrics_registry, render
 
 NUM_REQUESTS = 16
 MAX_TOKENS = 12
-SETTINGS = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=64, max_num_seqs=6, block_size=16)
+SETTINGS = {"dtype": "float32", "max_model_len": 128, "max_num_batched_tokens": 64, "max_num_seqs": 6, "block_size": 16}
 SPEC = {
     "plain": None,
     "ngram": {"method": "ngram", "num_speculative_tokens": 3},
@@ -90,7 +93,9 @@ class Chaos:
     def fires(self, request_id: str, stage: str) -> bool:
         fault = self.faults.get(request_id)
         request = self.engine.requests.get(request_id)
-        return fault is not None and fault[0] == stage and request is not None and len(request.output_token_ids) >= fault[1]
+        if fault is None or fault[0] != stage or request is None:
+            return False
+        return len(request.output_token_ids) >= fault[1]
 
     def raise_if(self, request_id: str, stage: str) -> None:
         if self.fires(request_id, stage):
@@ -144,6 +149,14 @@ class Chaos:
         detok.add_tokens = failing_add_tokens
 
 
+def error_count_on_metrics(engine) -> float:
+    """vllm:request_success_total{finished_reason="error"} as /metrics shows it."""
+    text = render(metrics_registry(engine, "m")).decode()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    name = names.exposed_counter(names.REQUEST_SUCCESS)
+    return next(s.value for s in samples if s.name == name and s.labels["finished_reason"] == "error")
+
+
 def assert_idle(engine, free_blocks: int) -> None:
     """Nothing held: every block and state slot back in its pool, no request left anywhere."""
     scheduler = engine.scheduler
@@ -177,7 +190,7 @@ def test_a_failing_request_fails_alone(target, clean, method, monkeypatch):
             assert completion.token_ids == expected[rid][: len(completion.token_ids)]
         else:
             assert (completion.finish_reason, completion.token_ids) == ("length", expected[rid]), rid
-    assert engine.stats.snapshot().finished["error"] == len(faults)
+    assert error_count_on_metrics(engine) == len(faults)
     assert_idle(engine, free_blocks)
     # The engine serves on: the victims again, without faults, give their clean outputs.
     again = run(engine, [prompts[int(rid[1:])] for rid in victims], [greedy() for _ in victims])
