@@ -18,6 +18,8 @@ GENERATION_TOKENS = "vllm:generation_tokens"  # generated tokens
 PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"  # prompt tokens looked up in the prefix cache
 PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"  # prompt tokens found in the prefix cache
 REQUEST_SUCCESS = "vllm:request_success"  # finished requests, label finished_reason
+# Its finished_reason values, vLLM's FinishReason strings ("error": the engine failed on that request).
+FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 # Histograms (seconds)
 TIME_TO_FIRST_TOKEN = "vllm:time_to_first_token_seconds"  # arrival to first token

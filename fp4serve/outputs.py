@@ -13,7 +13,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[TokenLogprobs] | None
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" (the engine failed on it)
     stop_reason: int | str | None = None  # the stop token id or stop string, None for EOS
 
     def finished(self) -> bool:

@@ -261,9 +261,10 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # The engine cannot tell which requests a failed step left half-done, so all of them end
-            # with the error and the engine is left empty for the next request. Should an abort fail
-            # too, the engine is broken beyond that: the exception ends the loop.
+            # engine.step() fails requests itself, each alone where it can: this is a bug beyond
+            # that. The engine cannot tell which requests it left half-done, so all of them end
+            # with the error and the engine is left empty for the next request. Should an abort
+            # fail too, the engine is broken beyond that: the exception ends the loop.
             log.exception("engine step failed; failing the %d running requests", len(self._streams))
             error = RequestFailedError(f"the engine failed while running this request: {e!r}")
             for request_id, stream in list(self._streams.items()):
@@ -273,6 +274,12 @@ class AsyncEngine:
             return
         for output in outputs:
             stream = self._streams[output.request_id]
-            stream._put(output)
+            failed = output.finished and output.outputs[0].finish_reason == "error"
+            stream._put(_request_failed(output.request_id) if failed else output)
             if output.finished:
                 del self._streams[output.request_id]
+
+
+def _request_failed(request_id: str) -> RequestFailedError:
+    # The exception's text stays in the server log (with the request id): the client sees none of it.
+    return RequestFailedError(f"internal error: the engine failed while running request {request_id}")

@@ -218,49 +218,134 @@ class LLMEngine:
         self.stats.record([output])
         return output
 
+    def _fail(self, request: Request) -> RequestOutput:
+        """End a request the engine failed to process: its resources go back to the pools, and its
+        last output carries finish reason "error" and no new tokens. Built from plain fields only,
+        since the request's detokenizer or logprobs may be what failed."""
+        self.scheduler.fail(request)
+        detok = self.detokenizers.pop(request.request_id, None)
+        completion = CompletionOutput(
+            index=0, text=detok.output_text if detok else "", token_ids=list(request.output_token_ids),
+            cumulative_logprob=None, logprobs=None, finish_reason=request.finish_reason, stop_reason=None,
+        )  # fmt: skip
+        self.requests.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id, prompt=self.prompts.pop(request.request_id, None),
+            prompt_token_ids=request.prompt_token_ids, outputs=[completion], finished=True,
+            num_cached_tokens=request.num_cached_tokens, delta_text="", delta_token_ids=[], delta_logprobs=None,
+        )  # fmt: skip
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- the step ---------------------------------------------------------------------------
+    # One request never hurts another: an exception in a request's own part of the step (its
+    # logits processors, sampling or verification, commit and stop checks, detokenizing, drafting)
+    # fails that request alone, with finish reason "error", and the others go on untouched. A
+    # failure in a part every request shares (the model forward) fails the step's requests. Either
+    # way a failed request's blocks and state slot go back to the pools, so the engine serves on.
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        outputs: list[RequestOutput] = []  # filled as the step goes, so a failure keeps what is done
+        try:
+            self._run_step(plan, outputs)
+        except Exception:
+            unfinished = [item.request for item in plan.scheduled if item.request.request_id in self.requests]
+            log.exception("engine step failed in a part its requests share; failing %s",
+                          ", ".join(r.request_id for r in unfinished))  # fmt: skip
+            outputs += [self._fail(request) for request in unfinished]
+        self.stats.record(outputs)
+        return outputs
+
+    def _run_step(self, plan: SchedulerPlan, outputs: list[RequestOutput]) -> None:
         step = self.runner.execute(plan)
         requests = [plan.scheduled[i].request for i in step.sample_rows]
         rows = [
             SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.eos_token_ids)
             for r in requests
         ]
+        drafts = [plan.scheduled[i].draft_token_ids for i in step.sample_rows] if self.proposer else None
+        token_lists, logprob_lists = self._draw_tokens_isolating(step.logits, requests, rows, drafts)
         new_tokens: list[list[int]] = [[] for _ in plan.scheduled]
         num_accepted = [0] * len(plan.scheduled)
-        if self.proposer is None:
-            sampled = sample(step.logits, rows)
-            token_lists = [[t] for t in sampled.token_ids]
-            logprob_lists = [[lp] if lp is not None else None for lp in sampled.logprobs]
-        else:
-            drafts = [plan.scheduled[i].draft_token_ids for i in step.sample_rows]
-            verified = verify(step.logits, rows, drafts)
-            token_lists, logprob_lists = verified.token_ids, verified.logprobs
-            for i, draft, accepted in zip(step.sample_rows, drafts, verified.num_accepted):
-                num_accepted[i] = accepted
-                self.spec_stats.observe(len(draft), accepted)
-            self.runner.keep_accepted_state(step, num_accepted)
-        for i, tokens in zip(step.sample_rows, token_lists):
+        for n, (i, request, tokens) in enumerate(zip(step.sample_rows, requests, token_lists)):
+            if tokens is None:
+                outputs.append(self._fail(request))
+                continue
             new_tokens[i] = tokens
+            if drafts is not None:
+                num_accepted[i] = len(tokens) - 1
+                self.spec_stats.observe(len(drafts[n]), num_accepted[i])
+        if drafts is not None:
+            self.runner.keep_accepted_state(step, num_accepted)
         before = {r.request_id: len(r.output_token_ids) for r in requests}
-        self.scheduler.commit(plan, new_tokens)
-        outputs = []
+        for item, tokens in zip(plan.scheduled, new_tokens):
+            if not item.request.status.finished:  # finished here: failed while drawing its tokens
+                self._guarded(item.request, "commit", outputs, self.scheduler.commit_one, item, tokens)
         for request, logprobs in zip(requests, logprob_lists):
+            if request.status is RequestStatus.FINISHED_ERROR:
+                continue
             added = request.output_token_ids[before[request.request_id] :]
-            outputs.append(self._emit(request, added, logprobs[: len(added)] if logprobs is not None else None))
-        self.stats.record(outputs)
+            logprobs = logprobs[: len(added)] if logprobs is not None else None
+            output = self._guarded(request, "detokenizing", outputs, self._emit, request, added, logprobs)
+            if output is not None:
+                outputs.append(output)
         if self.proposer is not None:
-            self._propose(plan, step, num_accepted)
+            self._propose(plan, step, num_accepted, outputs)
             self._spec_logger.maybe_log()
-        return outputs
 
-    def _propose(self, plan: SchedulerPlan, step: StepOutput, num_accepted: list[int]) -> None:
+    def _guarded(self, request: Request, stage: str, outputs: list[RequestOutput], fn, *args):
+        """fn(*args), or, should it raise, None, with the request failed and its output in `outputs`."""
+        try:
+            return fn(*args)
+        except Exception:
+            log.exception("request %s failed in %s; only it is ended", request.request_id, stage)
+            outputs.append(self._fail(request))
+            return None
+
+    def _draw_tokens_isolating(self, logits: torch.Tensor, requests: list[Request], rows: list[SamplingRow],
+                               drafts: list[list[int]] | None) -> tuple[list, list]:  # fmt: skip
+        """_draw_tokens for the whole batch. Should it raise, once more one request at a time, so
+        that only the requests whose own rows raise fail (their tokens are None). Rows are processed
+        independently, so the others' greedy tokens are the batch's; a random row redraws (seeded
+        rows from their own generators, which a failure before the draw has not advanced)."""
+        try:
+            return self._draw_tokens(logits, rows, drafts)
+        except Exception:
+            log.warning("sampling the batch failed; sampling its %d requests one by one", len(requests), exc_info=True)
+        token_lists, logprob_lists = [], []
+        start = 0
+        for i, request in enumerate(requests):
+            end = start + 1 + (len(drafts[i]) if drafts is not None else 0)  # the request's logits rows
+            one_draft = drafts[i : i + 1] if drafts is not None else None
+            try:
+                tokens, logprobs = self._draw_tokens(logits[start:end], rows[i : i + 1], one_draft)
+                token_lists.append(tokens[0])
+                logprob_lists.append(logprobs[0])
+            except Exception:
+                log.exception("request %s failed in sampling; only it is ended", request.request_id)
+                token_lists.append(None)
+                logprob_lists.append(None)
+            start = end
+        return token_lists, logprob_lists
+
+    @staticmethod
+    def _draw_tokens(
+        logits: torch.Tensor, rows: list[SamplingRow], drafts: list[list[int]] | None
+    ) -> tuple[list, list]:
+        """Per row: its new tokens (sampled; or its accepted drafts then one target token) and
+        their logprobs (None where not asked)."""
+        if drafts is None:
+            sampled = sample(logits, rows)
+            return [[t] for t in sampled.token_ids], [[lp] if lp is not None else None for lp in sampled.logprobs]
+        verified = verify(logits, rows, drafts)
+        return verified.token_ids, verified.logprobs
+
+    def _propose(
+        self, plan: SchedulerPlan, step: StepOutput, num_accepted: list[int], outputs: list[RequestOutput]
+    ) -> None:
         """Draft tokens for every running request whose next step is a decode (all its tokens but
         the last computed), at most as many as its remaining length allows. Model drafters also
         read the committed rows of the step to keep their own caches."""
@@ -282,9 +367,29 @@ class LLMEngine:
             if not item.request.status.finished
         ]
         committed = CommittedStep(step.batch, step.hidden, step.captures, rows)
-        drafts = self.proposer.propose(requests, limits, committed, self.scheduler.reserve)
+        try:
+            drafts = self.proposer.propose(requests, limits, committed, self.scheduler.reserve)
+        except Exception:
+            log.warning("drafting for the batch failed; drafting for its %d requests one by one", len(rows),
+                        exc_info=True)  # fmt: skip
+            drafts = self._propose_one_by_one(requests, limits, committed, outputs)
         for request, draft in zip(requests, drafts):
             request.draft_token_ids = draft
+
+    def _propose_one_by_one(self, requests: list[Request], limits: list[int], committed: CommittedStep,
+                            outputs: list[RequestOutput]) -> list[list[int]]:  # fmt: skip
+        """propose() for each committed request on its own, failing the ones it raises for. Drafts
+        never change a verified output, only how many steps it takes."""
+        limit_of = {id(r): k for r, k in zip(requests, limits)}
+        drafts_of = {}
+        for row in committed.rows:
+            request = row[0]
+            asked = [request] if id(request) in limit_of else []
+            alone = CommittedStep(committed.batch, committed.hidden, committed.captures, [row])
+            drafts = self._guarded(request, "drafting", outputs, self.proposer.propose,
+                                   asked, [limit_of[id(r)] for r in asked], alone, self.scheduler.reserve)  # fmt: skip
+            drafts_of[id(request)] = drafts[0] if drafts and asked else []
+        return [drafts_of[id(r)] for r in requests]
 
     def _emit(self, request: Request, added: list[int], logprobs) -> RequestOutput:
         detok = self.detokenizers[request.request_id]

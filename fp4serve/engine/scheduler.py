@@ -185,26 +185,27 @@ class Scheduler:
         request new_tokens[i] is its accepted drafts then one target token, and only the accepted
         drafts count as computed. Returns the requests that finished this step; their resources
         are already released."""
-        finished = []
-        for item, tokens in zip(plan.scheduled, new_tokens):
-            request = item.request
-            request.draft_token_ids = []
-            accepted = len(tokens) - 1 if item.num_drafts else 0
-            assert 0 <= accepted <= item.num_drafts and tokens[:accepted] == item.draft_token_ids[:accepted]
-            request.num_computed_tokens += item.num_tokens - item.num_drafts + accepted
-            bs = self.block_size
-            if self.pool.enable_prefix_caching and (len(request.block_hashes) + 1) * bs <= request.num_computed_tokens:
-                self.pool.register_full_blocks(
-                    request.block_ids, request.block_hashes, request.all_token_ids, request.num_computed_tokens
-                )
-            for token in tokens:
-                request.output_token_ids.append(token)
-                if self._check_stop(request, token):
-                    break
-            if request.status.finished:
-                self.finish(request, request.status)
-                finished.append(request)
-        return finished
+        return [item.request for item, tokens in zip(plan.scheduled, new_tokens) if self.commit_one(item, tokens)]
+
+    def commit_one(self, item: ScheduledRequest, tokens: list[int]) -> bool:
+        """commit() for one scheduled request; True if it finished (its resources released)."""
+        request = item.request
+        request.draft_token_ids = []
+        accepted = len(tokens) - 1 if item.num_drafts else 0
+        assert 0 <= accepted <= item.num_drafts and tokens[:accepted] == item.draft_token_ids[:accepted]
+        request.num_computed_tokens += item.num_tokens - item.num_drafts + accepted
+        bs = self.block_size
+        if self.pool.enable_prefix_caching and (len(request.block_hashes) + 1) * bs <= request.num_computed_tokens:
+            self.pool.register_full_blocks(
+                request.block_ids, request.block_hashes, request.all_token_ids, request.num_computed_tokens
+            )
+        for token in tokens:
+            request.output_token_ids.append(token)
+            if self._check_stop(request, token):
+                break
+        if request.status.finished:
+            self.finish(request, request.status)
+        return request.status.finished
 
     def _check_stop(self, request: Request, token: int) -> bool:
         params = request.params
@@ -230,3 +231,10 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         self._release(request)
+
+    def fail(self, request: Request) -> None:
+        """Take out a request the engine failed to process, in whatever state the failure left it
+        (running, waiting, or already finished and released this step), and free what it holds."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.finish(request, RequestStatus.FINISHED_ERROR)

@@ -50,7 +50,7 @@ class EngineCollector:
                             pool.queries * pool.block_size)  # fmt: skip
         yield self._counter(names.PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache.",
                             pool.hits * pool.block_size)  # fmt: skip
-        finished = {reason: stats.finished.get(reason, 0) for reason in ("stop", "length", "abort")}
+        finished = {reason: stats.finished.get(reason, 0) for reason in names.FINISHED_REASONS}
         yield self._labelled_counter(names.REQUEST_SUCCESS, "Finished requests by finish reason.", "finished_reason",
                                      finished)  # fmt: skip
         yield self._histogram(names.TIME_TO_FIRST_TOKEN, "Time to first token.", stats.time_to_first_token)

@@ -291,6 +291,43 @@ def test_engine_failure_fails_the_request_not_the_server(server, client, monkeyp
     assert_healthy(server, client)
 
 
+def test_a_request_the_engine_fails_on_fails_alone(server, client, monkeypatch):
+    """An exception in one request's sampling: that request alone gets a 500 "internal error"
+    (its exception text stays in the log), a stream running beside it ends as it would have alone,
+    and /metrics counts it under finished_reason="error"."""
+    import fp4serve.engine.engine as engine_module
+
+    def completion(prompt, max_tokens, stream):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                         stream=stream, extra_body={"ignore_eos": True})  # fmt: skip
+
+    alone, _, _ = stream_text(completion(PROMPT, 400, stream=True))
+    sample = engine_module.sample
+
+    failing_batches = []
+
+    def sample_failing_for_w7(logits, rows):
+        if any(row.prompt_token_ids[0] == 7 for row in rows):
+            failing_batches.append(len(rows))
+            raise RuntimeError("simulated sampler bug")
+        return sample(logits, rows)
+
+    monkeypatch.setattr(engine_module, "sample", sample_failing_for_w7)
+    errors = ("vllm:request_success_total", (("finished_reason", "error"),))
+    errors_before = scrape(server)[errors]
+    beside = completion(PROMPT, 400, stream=True)
+    first = next(iter(beside))
+    with pytest.raises(openai.InternalServerError) as error:
+        completion("w7 w8 w9", 8, stream=False)
+    assert_openai_error(error.value, 500, "internal error")
+    assert "simulated" not in error.value.response.text
+    text, finish, _ = stream_text(beside)
+    assert (first.choices[0].text + text, finish) == (alone, "length")
+    assert max(failing_batches) == 2  # the two requests did share the step that failed
+    assert scrape(server)[errors] == errors_before + 1
+    assert_healthy(server, client)
+
+
 def test_async_engine_generate(server):
     """The engine-level contract the server is built on: deltas in order, early exit aborts."""
     engine = server.async_engine
