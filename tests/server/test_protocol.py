@@ -76,16 +76,17 @@ def chat(app, **fields) -> httpx.Response:
     "fields, words, param",
     [
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "images are not supported by this model", "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "weird"}]}]}, "'weird' are not supported", "messages"),
+         "images are not supported by this model", "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "weird"}]}]}, "'weird' are not supported",
+         "messages[0].content[0]"),
         ({"messages": "hello"}, "messages", "messages"),
         ({"max_tokens": "many"}, "max_tokens", "max_tokens"),
-        ({"temperature": 3.5, "top_p": 0}, "top_p", None),
+        ({"temperature": 3.5, "top_p": 0}, "top_p", "top_p"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs json_schema.schema",
          "response_format"),
         pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-                     "cannot be compiled into a grammar", None, marks=needs_xgrammar),
-        ({"response_format": {"type": "yaml"}}, "response_format", "response_format"),
+                     "cannot be compiled into a grammar", "response_format", marks=needs_xgrammar),
+        ({"response_format": {"type": "yaml"}}, "response_format", "response_format.type"),
         ({"logit_bias": {"5": 10}}, "logit_bias is not supported", "logit_bias"),
         ({"guided_json": {"type": "object"}}, "constrained decoding", "guided_json"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, '"auto" tool choice requires', "tool_choice"),
@@ -94,16 +95,17 @@ def chat(app, **fields) -> httpx.Response:
         ({"tools": [{"type": "function", "function": {"name": "f"}}],
           "tool_choice": {"type": "function", "function": {"name": "g"}}}, "'g', which is not in tools", "tool_choice"),
         ({"tool_choice": "auto"}, "tool_choice requires tools", "tool_choice"),
-        ({"tools": [{"type": "function"}]}, "tools.0.function", "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function", "tools[0].function"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
-         "tool call arguments are not valid JSON", "messages"),
+         "tool call arguments are not valid JSON", "messages[0].tool_calls[0].function.arguments"),
         ({"max_tokens": 128}, "maximum context length is 128 tokens", None),
-        ({"seed": 2**70}, "seed must be in", None),
-        ({"messages": []}, "the chat template cannot render this request", "messages"),
+        ({"seed": 2**70}, "seed must be in", "seed"),
+        ({"messages": []}, "messages: List should have at least 1 item", "messages"),
         ({"chat_template_kwargs": {"continue_final_message": True}}, "cannot render", "messages"),
         ({"chat_template_kwargs": {"messages": []}}, "cannot render", "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "needs a string `text`", "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "needs a string `text`",
+         "messages[0].content[0].text"),
     ],
 )  # fmt: skip
 def test_bad_chat_request(app, fields, words, param):
@@ -144,9 +146,9 @@ def test_body_size_limit(app):
     assert_error(call(app, "POST", "/v1/completions", content=chunks()), 413, "larger than the limit")
 
 
-def test_max_queue_answers_503_with_retry_after(async_engine, monkeypatch):
-    """With the engine busy, requests beyond --max-queue waiting ones are refused, not queued."""
-    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+@pytest.fixture
+def blocked_engine(async_engine, monkeypatch):
+    """The engine with its step held until the returned event is set: requests pile up waiting."""
     engine = async_engine.engine
     release = threading.Event()
     real_step = engine.step
@@ -156,21 +158,44 @@ def test_max_queue_answers_503_with_retry_after(async_engine, monkeypatch):
         return real_step()
 
     monkeypatch.setattr(engine, "step", blocked_step)
+    yield release
+    release.set()
+
+
+def post_concurrently(app, async_engine, release, num_admitted: int, num_more: int) -> list[httpx.Response]:
+    """Send `num_admitted` requests and wait until they all wait in the engine, then `num_more`;
+    let the engine run once those are answered (refused) or have joined the others."""
     body = {"model": "tiny", "prompt": "w1 w2", "max_tokens": 2}
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            first = asyncio.ensure_future(client.post("/v1/completions", json=body))
-            while async_engine.num_waiting() < 1:
+            admitted = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(num_admitted)]
+            while async_engine.num_waiting() < num_admitted:
                 await asyncio.sleep(0.01)
-            refused = await client.post("/v1/completions", json=body)
+            more = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(num_more)]
+            await asyncio.wait(more, timeout=0.5)
             release.set()
-            return await first, refused
+            return await asyncio.gather(*admitted, *more)
 
-    first, refused = asyncio.run(go())
-    assert first.status_code == 200
+    return asyncio.run(go())
+
+
+def test_max_queue_answers_503_with_retry_after(async_engine, blocked_engine, monkeypatch):
+    """With every sequence slot taken, requests beyond --max-queue waiting ones are refused, not queued."""
+    monkeypatch.setattr(async_engine.engine.scheduler, "max_num_seqs", 1)
+    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+    # The first takes the one slot, the second is the one queued request, the third is refused.
+    first, second, refused = post_concurrently(app, async_engine, blocked_engine, 2, 1)
+    assert first.status_code == second.status_code == 200
     assert_error(refused, 503, "requests are already waiting")
     assert refused.headers["retry-after"] == "1"
+
+
+def test_max_queue_does_not_count_requests_with_a_free_slot(async_engine, blocked_engine):
+    """A burst at an idle server fits its free sequence slots: none of it waits, none is refused."""
+    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+    responses = post_concurrently(app, async_engine, blocked_engine, 6, 2)
+    assert [r.status_code for r in responses] == [200] * 8
 
 
 # ---- auth ---------------------------------------------------------------------------------------
