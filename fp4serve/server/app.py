@@ -261,7 +261,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             else:
                 problems.append(f"{path}: {error['msg']}")
             params.append(path)
-        param = params[0] if params else None
+        param = _deepest_within_first(params)
         return error_json(APIError(400, "; ".join(dict.fromkeys(problems)) or "invalid request", param=param))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -276,6 +276,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Fp4ServeError, our_error)  # InvalidRequestError: 400; the rest: 500
     # Anything else is a bug: answered as a 500 in the same shape, then logged by uvicorn.
     app.add_exception_handler(Exception, our_error)
+
+
+def _deepest_within_first(paths: list[str | None]) -> str | None:
+    """The first error's field; when a union's alternatives failed deeper inside it (content is
+    neither a string nor valid parts), the deepest of those, which says what to fix."""
+    first = paths[0] if paths else None
+    if first is None:
+        return None
+    return max((p for p in paths if p and p.startswith(first)), key=len)
 
 
 def field_path(body, error: dict) -> str | None:

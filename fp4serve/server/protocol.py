@@ -15,12 +15,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from fp4serve.errors import InvalidRequestError
-from fp4serve.sampling_params import SamplingParams
+from fp4serve.sampling_params import FLOAT_RANGES, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,15 @@ UNSUPPORTED_FIELDS = {
 }
 
 
+def sampling_range(name: str):
+    """A float field with SamplingParams' range for it, so the OpenAPI schema states what is enforced."""
+    low, high, low_open = FLOAT_RANGES[name]
+    return Field(None, gt=low, le=high) if low_open else Field(None, ge=low, le=high)
+
+
+TokenId = Annotated[int, Field(ge=0)]  # and below the vocabulary size, which the engine checks
+
+
 class SamplingRequest(RequestModel):
     """Fields common to /v1/completions and /v1/chat/completions. A sampling field left out (None)
     takes the model's generation_config default, then SamplingParams' own."""
@@ -187,16 +196,16 @@ class SamplingRequest(RequestModel):
     model: str | None = None  # None: the first served model name
     n: int = 1
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = sampling_range("temperature")
+    top_p: float | None = sampling_range("top_p")
     top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    min_p: float | None = sampling_range("min_p")
+    presence_penalty: float | None = sampling_range("presence_penalty")
+    frequency_penalty: float | None = sampling_range("frequency_penalty")
+    repetition_penalty: float | None = sampling_range("repetition_penalty")
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     min_tokens: int | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -262,7 +271,7 @@ def check_context_length(prompt_len: int, max_tokens: int | None, max_model_len:
 
 # ---- /v1/completions ----------------------------------------------------------------------------
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     logprobs: int | None = None
 
     def requested_logprobs(self) -> int | None:

@@ -15,6 +15,7 @@ from fp4serve.server.protocol import (
     ChatMessage,
     OpenAIModel,
     RequestModel,
+    TokenId,
     ToolDefinition,
 )
 
@@ -41,7 +42,7 @@ class TokenizeResponse(OpenAIModel):
 
 class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(OpenAIModel):

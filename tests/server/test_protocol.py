@@ -112,6 +112,87 @@ def test_bad_chat_request(app, fields, words, param):
     assert_error(chat(app, **fields), 400, words, param)
 
 
+# Each probe that once passed validation and then broke the engine step, or answered 500.
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b'"temperature": NaN', "temperature"),
+        (b'"temperature": Infinity', "temperature"),
+        (b'"repetition_penalty": NaN', "repetition_penalty"),
+        (b'"temperature": 1e39, "min_tokens": 1', "temperature"),
+        (b'"repetition_penalty": 1e-30', "repetition_penalty"),
+        (b'"stop_token_ids": [1000000]', "stop_token_ids"),
+        (b'"stop_token_ids": [1180591620717411303424]', "stop_token_ids[0]"),
+        (b'"stop_token_ids": [true]', "stop_token_ids[0]"),
+        (b'"stop_token_ids": [-1]', "stop_token_ids[0]"),
+        (b'"max_tokens": true', "max_tokens"),
+        (b'"top_k": 1180591620717411303424', "top_k"),
+        (b'"temperature": "0.5"', "temperature"),
+        (b'"messages": [{"role": "user", "content": "hi", "tool_calls": 5}]', "messages[0].tool_calls"),
+        (b'"messages": [{"role": "user", "content": "hi", "tool_calls": [true]}]', "messages[0].tool_calls[0]"),
+        (b'"messages": [{"role": "user", "content": "hi", "name": 1.5}]', "messages[0].name"),
+        (b'"messages": [{"role": "user", "content": [{"type": []}]}]', "messages[0].content[0].type"),
+        (b'"messages": [{"role": "user", "content": [5]}]', "messages[0].content[0]"),
+    ],
+)  # fmt: skip
+def test_malformed_fields_are_400_naming_the_field(app, body, param):
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, ' + body + b"}"
+    response = call(app, "POST", "/v1/chat/completions", headers=AUTH | {"Content-Type": "application/json"}, content=raw)
+    assert_error(response, 400, "", param)
+
+
+def test_tokenizer_routes_refuse_malformed_fields(app):
+    bad_part = {"messages": [{"role": "user", "content": [{"type": []}]}]}
+    assert_error(call(app, "POST", "/tokenize", json=bad_part), 400, "", "messages[0].content[0].type")
+    assert_error(call(app, "POST", "/tokenize", json={"messages": []}), 400, "at least 1 item", "messages")
+    assert_error(call(app, "POST", "/detokenize", json={"tokens": [True, False]}), 400, "valid integer", "tokens[0]")
+    assert_error(call(app, "POST", "/detokenize", json={"tokens": [-1]}), 400, "", "tokens[0]")
+
+
+def test_completion_prompt_ids_are_strict(app):
+    post = lambda prompt: call(app, "POST", "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+    assert_error(post([1, True]), 400, "", "prompt[1]")
+    assert_error(post([1, 300]), 400, "out of the vocabulary", "prompt")
+
+
+def test_invalid_json_has_no_param(app):
+    response = call(app, "POST", "/v1/completions", headers=AUTH | {"Content-Type": "application/json"},
+                    content=b'{"model": "tiny", "prompt": "w1",,}')  # fmt: skip
+    error = assert_error(response, 400, "not a JSON object")
+    assert error["param"] is None
+
+
+def test_a_bug_is_an_internal_error_with_an_id(app, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("secret detail at /srv/fp4serve/server/tokenize.py")
+
+    monkeypatch.setattr("fp4serve.server.app.detokenize", broken)
+    error = assert_error(call(app, "POST", "/detokenize", json={"tokens": [1]}), 500, "internal error (request id ")
+    assert "secret" not in error["message"] and error["param"] is None
+    error_id = error["message"].removeprefix("internal error (request id ").removesuffix(")")
+    assert any(error_id in r.getMessage() and "secret detail" in r.getMessage() for r in caplog.records)
+
+
+@needs_xgrammar
+def test_grammar_errors_carry_no_source_path(app):
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    error = assert_error(chat(app, response_format=schema), 400, "nonsense", "response_format")
+    assert ".cc:" not in error["message"] and "/" not in error["message"]
+
+
+def test_openapi_lists_the_statuses_sent(app):
+    schema = call(app, "GET", "/openapi.json").json()
+    assert "422" not in json.dumps(schema["paths"]) and "HTTPValidationError" not in json.dumps(schema)
+    chat_op = schema["paths"]["/v1/chat/completions"]["post"]
+    assert set(chat_op["responses"]) == {"200", "400", "401", "404", "413", "500", "503"}
+    assert chat_op["responses"]["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert set(schema["paths"]["/detokenize"]["post"]["responses"]) == {"200", "400", "401", "404", "413", "500"}
+    request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert request["messages"]["minItems"] == 1
+    assert {"minimum": 0, "maximum": 100} .items() <= request["temperature"]["anyOf"][0].items()
+    assert schema["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"]["minimum"] == 0
+
+
 def test_ignored_and_accepted_fields(app):
     # Informational OpenAI fields are accepted; so are "off" values of unsupported ones.
     response = chat(app, user="u1", store=False, logit_bias={}, echo=False, response_format={"type": "text"},
@@ -208,6 +289,12 @@ def test_protected_routes_need_the_key(app, method, path):
         response = call(app, method, path, headers=headers, **({"json": {}} if method == "POST" else {}))
         assert_error(response, 401, "API key")
         assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_auth_scheme_is_case_insensitive(app):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert call(app, "GET", "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert_error(call(app, "GET", "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401, "API key")
 
 
 def test_open_routes(app):
