@@ -176,7 +176,7 @@ class LLMEngine:
             return self.tokenize(prompt["prompt"])
         if isinstance(prompt, list):
             return None, list(prompt)  # the entries are checked with every other prompt's
-        raise InvalidRequestError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}")
+        raise InvalidRequestError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}", "prompt")
 
     def add_request(
         self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
