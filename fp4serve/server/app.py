@@ -27,7 +27,7 @@ from collections.abc import Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -95,7 +95,9 @@ def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_nam
     """/health, /version, /metrics, /v1/models."""
     registry = metrics_registry(async_engine.engine, served_model_names[0])
 
-    @app.get("/health", responses=_errors(503, 500))
+    # The documented bodies are those sent: /health has none, /metrics is Prometheus text.
+    @app.get("/health", response_class=Response, responses={200: {"description": "The engine is running", "content": {}}}
+             | _errors(503, 500))  # fmt: skip
     async def health() -> Response:
         if not async_engine.is_running:
             return error_json(APIError(503, "the engine is not running"))
@@ -105,7 +107,7 @@ def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_nam
     async def version() -> dict:
         return {"version": __version__}
 
-    @app.get("/metrics", responses=auth | _errors(500))
+    @app.get("/metrics", response_class=PlainTextResponse, responses=auth | _errors(500))
     async def metrics() -> Response:
         return Response(render(registry), media_type=METRICS_CONTENT_TYPE)
 
