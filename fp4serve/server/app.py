@@ -46,7 +46,9 @@ from fp4serve.server.options import ServerOptions
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     ErrorResponse,
     EventStream,
     ModelCard,
@@ -124,15 +126,15 @@ def _add_generation_routes(
     """/v1/completions and /v1/chat/completions."""
     engine = async_engine.engine
     grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
-    responses = _errors(400) | auth | _errors(404, 413, 503, 500)
+    errors = _errors(400) | auth | _errors(404, 413, 503, 500)
 
-    @app.post("/v1/completions", responses=responses)
+    @app.post("/v1/completions", responses=_answer(CompletionResponse) | errors)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
         _check_queue(async_engine, options)
         return await _respond(request, create_completion(async_engine, body, model))
 
-    @app.post("/v1/chat/completions", responses=responses)
+    @app.post("/v1/chat/completions", responses=_answer(ChatCompletionResponse) | errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
         _check_queue(async_engine, options)
@@ -228,6 +230,12 @@ ERROR_MEANINGS = {
     503: "The server is busy (--max-queue; see Retry-After) or its engine is not running",
     500: "Internal error; the message carries an id to find it in the server log",
 }
+
+
+def _answer(model: type[BaseModel]) -> dict:
+    """OpenAPI `responses` for a generation route's 200: the whole answer, or with "stream": true
+    server-sent events, each a chunk of it."""
+    return {200: {"model": model, "description": "The answer", "content": {"text/event-stream": {}}}}
 
 
 def _errors(*statuses: int) -> dict:

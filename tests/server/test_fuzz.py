@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 
 import httpx
 import pytest
@@ -108,8 +109,8 @@ WELL_FORMED = {
 }
 # Values a field may be set to: every JSON type, and the numbers that once slipped through.
 HOSTILE = st.one_of(
-    st.none(), st.booleans(), st.text(max_size=4),
-    st.sampled_from([0, -1, 1, VOCAB, 2**31, 2**63, 2**64, 2**70, -(2**70), 1e39, 1e-30, -0.0, 0.5]),
+    st.sampled_from([math.nan, math.inf, -math.inf, 1e39, 1e-30, 2**70, VOCAB, 10**6, -1, True, False, 5, []]),
+    st.none(), st.text(max_size=4), st.sampled_from([0, 1, 2**31, 2**63, 2**64, -(2**70), -0.0, 0.5]),
     st.floats(), st.integers(),
     st.lists(st.integers(-2, VOCAB + 1) | st.booleans(), max_size=3),
     st.sampled_from([[{"type": []}], [{"type": "text"}], [5], {}, {"type": 1}, [[1, 2]], [{}]]),
