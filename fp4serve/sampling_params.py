@@ -78,8 +78,9 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.stop, list | None) or not isinstance(self.stop_token_ids, list | None):
-            raise InvalidRequestError("stop and stop_token_ids must be lists", "stop")
+        for name in ("stop", "stop_token_ids"):  # before they are iterated below
+            if not isinstance(getattr(self, name), list | None):
+                raise InvalidRequestError(f"{name} must be a list, got {getattr(self, name)!r}", name)
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:

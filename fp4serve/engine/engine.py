@@ -220,7 +220,8 @@ class LLMEngine:
             raise InvalidRequestError(f"{param} must be integers, got {not_ints[:10]!r}", param)
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise InvalidRequestError(f"{what or param} out of the vocabulary [0, {self.vocab_size}): {bad[:10]}", param)
+            message = f"{what or param} out of the vocabulary [0, {self.vocab_size}): {bad[:10]}"
+            raise InvalidRequestError(message, param)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort(request_id)

@@ -47,9 +47,8 @@ class GrammarCompiler:
         try:
             return self._get().compile_json_schema(json.dumps(schema), any_whitespace=False)
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's error for a schema it cannot use
-            raise InvalidRequestError(
-                f"the JSON schema cannot be compiled into a grammar: {without_source_location(str(e))}", "response_format"
-            ) from e
+            message = f"the JSON schema cannot be compiled into a grammar: {without_source_location(str(e))}"
+            raise InvalidRequestError(message, "response_format") from e
 
 
 # xgrammar prefixes its C++ errors with "[hh:mm:ss] /path/to/file.cc:123: ": the server's build

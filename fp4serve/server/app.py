@@ -98,8 +98,9 @@ def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_nam
     registry = metrics_registry(async_engine.engine, served_model_names[0])
 
     # The documented bodies are those sent: /health has none, /metrics is Prometheus text.
-    @app.get("/health", response_class=Response, responses={200: {"description": "The engine is running", "content": {}}}
-             | _errors(503, 500))  # fmt: skip
+    no_body = {200: {"description": "The engine is running", "content": {}}}
+
+    @app.get("/health", response_class=Response, responses=no_body | _errors(503, 500))
     async def health() -> Response:
         if not async_engine.is_running:
             return error_json(APIError(503, "the engine is not running"))
@@ -227,7 +228,7 @@ ERROR_MEANINGS = {
     401: "Incorrect or missing API key",
     404: "No such model",
     413: "Request body larger than --max-request-body-size",
-    503: "The server is busy (--max-queue; see Retry-After) or its engine is not running",
+    503: "The server is busy (--max-queue; see Retry-After); /health: the engine is not running",
     500: "Internal error; the message carries an id to find it in the server log",
 }
 

@@ -189,7 +189,9 @@ def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
 
 # ---- the prompt -----------------------------------------------------------------------------
 def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
-    messages = [_template_message(m.model_dump(exclude_none=True), f"messages[{i}]") for i, m in enumerate(request.messages)]
+    messages = [
+        _template_message(m.model_dump(exclude_none=True), f"messages[{i}]") for i, m in enumerate(request.messages)
+    ]
     tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
     try:
         return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs, tools)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fp4serve.engine.async_engine import AsyncEngine
-from fp4serve.server.chat import apply_chat_template
 from pydantic import Field
 
+from fp4serve.engine.async_engine import AsyncEngine
+from fp4serve.server.chat import apply_chat_template
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionRequest,

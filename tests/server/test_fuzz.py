@@ -33,7 +33,9 @@ from fp4serve.server import build_app
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 VOCAB = 300
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=60, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ WELL_FORMED = {
     "/v1/completions": {"model": "tiny", "prompt": "w1 w2", "logprobs": 1} | SAMPLING,
     "/tokenize": {"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "add_generation_prompt": True},
     "/detokenize": {"model": "tiny", "tokens": [1, 2, 3]},
-}
+}  # fmt: skip
 # Values a field may be set to: every JSON type, and the numbers that once slipped through.
 HOSTILE = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf, 1e39, 1e-30, 2**70, VOCAB, 10**6, -1, True, False, 5, []]),
@@ -155,7 +157,8 @@ def hostile_requests(draw):
     route = draw(st.sampled_from(sorted(WELL_FORMED)))
     body = WELL_FORMED[route]
     # Known places, and fields the body leaves out (the model's other fields, some unknown ones).
-    places = paths(body) + [(name,) for name in ("n", "logit_bias", "response_format", "prompt", "tokens", "x")]
+    places = paths(body) + [(name,) for name in ("n", "logit_bias", "response_format", "chat_template_kwargs",
+                                                 "stream", "prompt", "tokens", "x")]  # fmt: skip
     edits = draw(st.lists(st.tuples(st.sampled_from(places), HOSTILE), min_size=1, max_size=3))
     return route, mutated(body, edits)
 
@@ -196,6 +199,8 @@ def test_no_request_hurts_the_server_or_another_request(clients, request):
         assert response.status_code < 500, response.text
         if response.status_code >= 400:
             assert_openai_error(response)
+        else:  # nor does a stream it was answered with end in an error event
+            assert '"error"' not in response.text, response.text
         assert [line for line in events if line][-1] == "data: [DONE]"
     follow_up = answer(client, "/v1/completions", {"model": "tiny", "prompt": "w1", "max_tokens": 1})
     assert follow_up.status_code == 200, follow_up.text

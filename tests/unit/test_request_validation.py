@@ -41,7 +41,7 @@ VOCAB = 300
         ({"n": 2}, "n"),
         ({"stop_token_ids": [2**70]}, "stop_token_ids[0]"),
         ({"stop_token_ids": [3, False]}, "stop_token_ids[1]"),
-        ({"stop_token_ids": 5}, "stop"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
         ({"stop": [5]}, "stop"),
         ({"ignore_eos": 1}, "ignore_eos"),
     ],
