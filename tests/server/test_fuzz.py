@@ -72,15 +72,23 @@ CHECKS = [
 ]
 
 
+def naming_the_served_model(case):
+    """A valid request with a random model name only ever meets the 404; this one reaches the engine."""
+    if isinstance(case.body, dict) and "model" in case.body:
+        case.body["model"] = "tiny"
+    return case
+
+
 def test_the_server_keeps_to_its_openapi_document(server):
     # The app over the live server's engine, driven in process by schemathesis' ASGI client. Its
     # strategies are used directly: its pytest plugin does not run on this pytest.
     api = schemathesis.openapi.from_asgi("/openapi.json", build_app(server.async_engine, ["tiny"], KEY))
     for result in api.get_all_operations():
         operation = result.ok()
-        cases = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE)
+        positive = operation.as_strategy(GenerationMode.POSITIVE).map(naming_the_served_model)
+        cases = positive | operation.as_strategy(GenerationMode.NEGATIVE)
 
-        @settings(max_examples=8, derandomize=True, deadline=None, database=None,
+        @settings(max_examples=6, derandomize=True, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         @given(case=cases)
         def answers_as_documented(case):
