@@ -6,7 +6,12 @@ class Fp4ServeError(Exception):
 
 
 class InvalidRequestError(Fp4ServeError, ValueError):
-    """The request is malformed or exceeds a limit (HTTP 400)."""
+    """The request is malformed or exceeds a limit (HTTP 400). `param` names the offending field
+    (e.g. "temperature", "stop_token_ids"), which the server reports as OpenAI's `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class CheckpointError(Fp4ServeError):

@@ -8,6 +8,49 @@ from fp4serve.errors import InvalidRequestError
 # Fields a model's generation_config.json may set as defaults (vLLM `--generation-config auto`).
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
+MAX_INT32 = 2**31 - 1  # token ids and counts live in int32/int64 tensors; nothing real comes near this
+# name: (low, high, low_open). OpenAI's and vLLM's documented ranges; where they document none
+# (temperature, repetition_penalty above and below), a bound far past any useful value that keeps
+# float32 logits finite: 1/temperature or a logit divided by the penalty must not overflow.
+FLOAT_RANGES = {
+    "temperature": (0.0, 100.0, False),
+    "top_p": (0.0, 1.0, True),
+    "min_p": (0.0, 1.0, False),
+    "presence_penalty": (-2.0, 2.0, False),
+    "frequency_penalty": (-2.0, 2.0, False),
+    "repetition_penalty": (0.01, 100.0, False),
+}
+# name: (low, high), both inclusive. top_k: -1 (disabled) is 0 by the time validate runs.
+INT_RANGES = {
+    "n": (1, MAX_INT32),
+    "top_k": (0, MAX_INT32),
+    "max_tokens": (1, MAX_INT32),
+    "min_tokens": (0, MAX_INT32),
+    "seed": (-(2**63), 2**64 - 1),  # what torch.Generator takes
+    "logprobs": (0, 20),
+}
+OPTIONAL_INTS = ("max_tokens", "seed", "logprobs")
+BOOL_FIELDS = ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens")
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool: True is an int in Python, never a token id or a count in a request."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if not is_int(value) or not low <= value <= high:
+        kind = "" if is_int(value) else " and an integer"
+        raise InvalidRequestError(f"{name} must be in [{low}, {high}]{kind}, got {value!r}", name)
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool) -> None:
+    number = is_int(value) or isinstance(value, float)
+    in_range = number and (low < value if low_open else low <= value) and value <= high
+    if not in_range:
+        bracket = "(" if low_open else "["
+        raise InvalidRequestError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}", name)
+
 
 @dataclass
 class SamplingParams:
@@ -35,6 +78,9 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids"):  # before they are iterated below
+            if not isinstance(getattr(self, name), list | None):
+                raise InvalidRequestError(f"{name} must be a list, got {getattr(self, name)!r}", name)
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -42,33 +88,25 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(msg):
-            raise InvalidRequestError(msg)
-
+        """Raise InvalidRequestError naming the first field that is of the wrong type or out of
+        range. Checks are written as "value in range" so that NaN, which fails every comparison, fails them."""
+        for name, (low, high, low_open) in FLOAT_RANGES.items():
+            _check_float(name, getattr(self, name), low, high, low_open)
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name not in OPTIONAL_INTS:
+                _check_int(name, value, low, high)
         if self.n != 1:
-            bad(f"n={self.n} is not supported; send n separate requests")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            bad(f"top_k must be -1 (disable) or >= 1, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2 <= self.presence_penalty <= 2:
-            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
-            bad(f"seed must be in [-2**63, 2**64), got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"logprobs must be in [0, 20], got {self.logprobs}")
+            raise InvalidRequestError(f"n={self.n} is not supported; send n separate requests", "n")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens")
+        for i, token_id in enumerate(self.stop_token_ids):
+            _check_int(f"stop_token_ids[{i}]", token_id, 0, MAX_INT32)
+        if not all(isinstance(s, str) for s in self.stop):
+            raise InvalidRequestError("stop must be a string or a list of strings", "stop")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
 
     @property
     def greedy(self) -> bool:

@@ -152,6 +152,13 @@ class AsyncEngine:
         without a lock from the event loop, so it may be off by one step: good enough for a limit."""
         return len(self.engine.scheduler.waiting) + sum(isinstance(c, _Add) for c in list(self._inbox))
 
+    def num_queued(self) -> int:
+        """Waiting requests beyond the free sequence slots: those the scheduler could not start on
+        its next step. A burst at an idle server is all admitted at once, so none of it counts."""
+        scheduler = self.engine.scheduler
+        free_slots = max(0, scheduler.max_num_seqs - len(scheduler.running))
+        return max(0, self.num_waiting() - free_slots)
+
     # ---- the event-loop side ------------------------------------------------------------------
     async def add_request(
         self, prompt: str | dict | list[int], params: SamplingParams, request_id: str

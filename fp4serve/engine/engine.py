@@ -25,7 +25,7 @@ from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sample.sampler import SamplingRow, sample
 from fp4serve.sample.verify import verify
-from fp4serve.sampling_params import SamplingParams
+from fp4serve.sampling_params import SamplingParams, is_int
 from fp4serve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from fp4serve.spec_decode.metrics import SpecDecodingLogger, SpecDecodingStats
 from fp4serve.spec_decode.proposer import CommittedStep, Proposer, make_proposer
@@ -168,12 +168,15 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, self.tokenizer(prompt).input_ids
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            token_ids = prompt["prompt_token_ids"]
+            if not isinstance(token_ids, list | tuple):
+                raise InvalidRequestError("prompt_token_ids must be a list of token ids", "prompt_token_ids")
+            return prompt.get("prompt"), list(token_ids)
         if isinstance(prompt, dict) and "prompt" in prompt:
             return self.tokenize(prompt["prompt"])
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise InvalidRequestError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}")
+        if isinstance(prompt, list):
+            return None, list(prompt)  # the entries are checked with every other prompt's
+        raise InvalidRequestError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}", "prompt")
 
     def add_request(
         self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -184,6 +187,7 @@ class LLMEngine:
         if params.stop and isinstance(self.tokenizer, NoTokenizer):
             raise InvalidRequestError(f"stop strings need a tokenizer, and this server has none ({self.tokenizer.why})")
         self._check_prompt(token_ids)
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -200,15 +204,24 @@ class LLMEngine:
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", "prompt")
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
-                f"which must leave room for at least one generated token"
+                f"which must leave room for at least one generated token",
+                "prompt",
             )
+        self._check_token_ids("prompt", token_ids, "prompt token ids")
+
+    def _check_token_ids(self, param: str, token_ids: list, what: str | None = None) -> None:
+        """Every id an int (not a bool) inside the vocabulary, or an InvalidRequestError naming `param`."""
+        not_ints = [t for t in token_ids if not is_int(t)]
+        if not_ints:
+            raise InvalidRequestError(f"{param} must be integers, got {not_ints[:10]!r}", param)
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise InvalidRequestError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:10]}")
+            message = f"{what or param} out of the vocabulary [0, {self.vocab_size}): {bad[:10]}"
+            raise InvalidRequestError(message, param)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort(request_id)

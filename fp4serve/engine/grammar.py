@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import threading
 
 import torch
@@ -46,7 +47,17 @@ class GrammarCompiler:
         try:
             return self._get().compile_json_schema(json.dumps(schema), any_whitespace=False)
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's error for a schema it cannot use
-            raise InvalidRequestError(f"the JSON schema cannot be compiled into a grammar: {e}") from e
+            message = f"the JSON schema cannot be compiled into a grammar: {without_source_location(str(e))}"
+            raise InvalidRequestError(message, "response_format") from e
+
+
+# xgrammar prefixes its C++ errors with "[hh:mm:ss] /path/to/file.cc:123: ": the server's build
+# layout, of no use to a client.
+_SOURCE_LOCATION = re.compile(r"(\[[\d:]+\]\s*)?\S+\.(cc|cpp|cxx|h|hpp|py):\d+:\s*")
+
+
+def without_source_location(message: str) -> str:
+    return _SOURCE_LOCATION.sub("", message).strip()
 
 
 class GrammarLogitsProcessor:

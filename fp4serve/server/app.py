@@ -28,7 +28,7 @@ from collections.abc import Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -48,7 +48,10 @@ from fp4serve.server.prompt_work import PromptWork
 from fp4serve.server.protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
     EventStream,
     ModelCard,
     ModelList,
@@ -87,35 +90,40 @@ def build_app(
 
     app = FastAPI(title="fp4serve", summary="OpenAI-compatible LLM server", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)
+    _document_only_errors_sent(app)
     # Added last = runs first: a too-large body is refused even before the key is checked.
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     app.add_middleware(BodySizeLimit, max_bytes=options.max_request_body_size)
-    _add_status_routes(app, async_engine, served_model_names)
-    _add_generation_routes(app, async_engine, served_model_names, options, work)
-    _add_tokenizer_routes(app, async_engine, served_model_names, work)
+    auth = _errors(401) if api_key else {}
+    _add_status_routes(app, async_engine, served_model_names, auth)
+    _add_generation_routes(app, async_engine, served_model_names, options, auth, work)
+    _add_tokenizer_routes(app, async_engine, served_model_names, auth, work)
     return app
 
 
-def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str]) -> None:
+def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], auth: dict) -> None:
     """/health, /version, /metrics, /v1/models."""
     registry = metrics_registry(async_engine.engine, served_model_names[0])
 
-    @app.get("/health")
+    # The documented bodies are those sent: /health has none, /metrics is Prometheus text.
+    no_body = {200: {"description": "The engine is running", "content": {}}}
+
+    @app.get("/health", response_class=Response, responses=no_body | _errors(503, 500))
     async def health() -> Response:
         if not async_engine.is_running:
             return error_json(APIError(503, "the engine is not running"))
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.get("/version", responses=_errors(500))
     async def version() -> dict:
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=auth | _errors(500))
     async def metrics() -> Response:
         return Response(render(registry), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=auth | _errors(500))
     async def models() -> ModelList:
         root = str(async_engine.engine.model_path)
         cards = [ModelCard(id=name, root=root, max_model_len=async_engine.max_model_len) for name in served_model_names]
@@ -123,19 +131,25 @@ def _add_status_routes(app: FastAPI, async_engine: AsyncEngine, served_model_nam
 
 
 def _add_generation_routes(
-    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], options: ServerOptions, work: PromptWork
+    app: FastAPI,
+    async_engine: AsyncEngine,
+    served_model_names: list[str],
+    options: ServerOptions,
+    auth: dict,
+    work: PromptWork,
 ) -> None:
     """/v1/completions and /v1/chat/completions."""
     engine = async_engine.engine
     grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
+    errors = _errors(400) | auth | _errors(404, 413, 503, 500)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_answer(CompletionResponse) | errors)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
         _check_queue(async_engine, options)
         return await _respond(request, create_completion(async_engine, body, model, work))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_answer(ChatCompletionResponse) | errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
         _check_queue(async_engine, options)
@@ -143,16 +157,17 @@ def _add_generation_routes(
 
 
 def _add_tokenizer_routes(
-    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], work: PromptWork
+    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], auth: dict, work: PromptWork
 ) -> None:
     """/tokenize and /detokenize."""
+    responses = _errors(400) | auth | _errors(404, 413, 500)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=responses)
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         _resolve_model(served_model_names, body.model)
         return await tokenize(async_engine, body, work)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=responses)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         _resolve_model(served_model_names, body.model)
         return detokenize(async_engine, body)
@@ -168,7 +183,9 @@ def _resolve_model(served_model_names: list[str], requested: str | None) -> str:
 
 
 def _check_queue(async_engine: AsyncEngine, options: ServerOptions) -> None:
-    if options.max_queue is not None and async_engine.num_waiting() >= options.max_queue:
+    """--max-queue bounds the requests that would wait: one the engine can start at once (a free
+    sequence slot) does not count."""
+    if options.max_queue is not None and async_engine.num_queued() >= options.max_queue:
         raise APIError(
             503,
             f"the server is busy: {options.max_queue} requests are already waiting; retry shortly",
@@ -222,20 +239,57 @@ async def _disconnected(request: Request) -> None:
 
 
 # ---- errors -------------------------------------------------------------------------------------
+ERROR_MEANINGS = {
+    400: "Invalid request: a field of the wrong type or out of range (`param` names it)",
+    401: "Incorrect or missing API key",
+    404: "No such model",
+    413: "Request body larger than --max-request-body-size",
+    503: "The server is busy (--max-queue; see Retry-After); /health: the engine is not running",
+    500: "Internal error; the message carries an id to find it in the server log",
+}
+
+
+def _answer(model: type[BaseModel]) -> dict:
+    """OpenAPI `responses` for a generation route's 200: the whole answer, or with "stream": true
+    server-sent events, each a chunk of it."""
+    return {200: {"model": model, "description": "The answer", "content": {"text/event-stream": {}}}}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for these statuses, all with OpenAI's error body."""
+    return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+def _document_only_errors_sent(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with a body; this server answers those with 400."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers a malformed request with 400 and its error JSON, not FastAPI's 422 list.
-        problems = []
+        problems, params = [], []
         for error in exc.errors():
-            location = ".".join(str(part) for part in error["loc"] if part != "body")
-            if not location or error["type"] == "json_invalid":
+            path = None if error["type"] == "json_invalid" else field_path(exc.body, error)
+            if path is None:
                 problems.append(f"the request body is not a JSON object ({error['msg']})")
             else:
-                problems.append(f"{location}: {error['msg']}")
-        # The top-level field, as OpenAI names it (deeper parts of a location include pydantic's union tags).
-        first = [part for part in (exc.errors()[0]["loc"] if exc.errors() else ()) if part != "body"]
-        param = str(first[0]) if first else None
-        return error_json(APIError(400, "; ".join(problems) or "invalid request", param=param))
+                problems.append(f"{path}: {error['msg']}")
+            params.append(path)
+        param = _deepest_within_first(params)
+        return error_json(APIError(400, "; ".join(dict.fromkeys(problems)) or "invalid request", param=param))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_json(APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
@@ -249,6 +303,28 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Fp4ServeError, our_error)  # InvalidRequestError: 400; the rest: 500
     # Anything else is a bug: answered as a 500 in the same shape, then logged by uvicorn.
     app.add_exception_handler(Exception, our_error)
+
+
+def _deepest_within_first(paths: list[str | None]) -> str | None:
+    """The first error's field; when a union's alternatives failed deeper inside it (content is
+    neither a string nor valid parts), the deepest of those, which says what to fix."""
+    first = paths[0] if paths else None
+    if first is None:
+        return None
+    return max((p for p in paths if p and p.startswith(first)), key=len)
+
+
+def field_path(body, error: dict) -> str | None:
+    """The field a pydantic error is about, as "messages[0].content", or None for the body itself.
+    A location also holds pydantic's union tags ("str", "list[ContentPart]"); walking the body
+    along it keeps only the parts that are really there (and a missing field's name)."""
+    path, node = "", body
+    for part in error["loc"][1:]:  # [0] is "body"
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            path, node = f"{path}[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and (part in node or error["type"] == "missing"):
+            path, node = f"{path}.{part}" if path else part, node.get(part)
+    return path or None
 
 
 # ---- running it ---------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/metrics")
 
 
 class BearerAuth:
-    """Protected routes must carry `Authorization: Bearer <api_key>` (the openai client's `api_key`)."""
+    """Protected routes must carry `Authorization: Bearer <api_key>` (the openai client's `api_key`).
+    The scheme is case-insensitive (RFC 9110: "bearer" and "BEARER" are Bearer)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and _protected(scope["path"]) and not self._authorized(scope):
@@ -31,8 +32,10 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
-        given = Headers(scope=scope).get("authorization", "").encode()
-        return secrets.compare_digest(given, self._expected)  # constant time: no timing oracle
+        scheme, _, token = Headers(scope=scope).get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return secrets.compare_digest(token.strip().encode(), self._expected)  # constant time: no timing oracle
 
 
 def _protected(path: str) -> bool:

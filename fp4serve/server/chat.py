@@ -192,7 +192,9 @@ def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
 
 # ---- the prompt -----------------------------------------------------------------------------
 def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
-    messages = [_template_message(m.model_dump(exclude_none=True)) for m in request.messages]
+    messages = [
+        _template_message(m.model_dump(exclude_none=True), f"messages[{i}]") for i, m in enumerate(request.messages)
+    ]
     tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
     try:
         return chat_prompt_ids(tokenizer, messages, request.add_generation_prompt, request.chat_template_kwargs, tools)
@@ -206,29 +208,32 @@ _NOT_TEXT = {"image_url": "images", "input_image": "images", "image": "images", 
              "audio_url": "audio", "video_url": "video", "file": "files"}  # fmt: skip
 
 
-def _template_message(message: dict) -> dict:
+def _template_message(message: dict, where: str) -> dict:
     """OpenAI allows content as a list of parts; templates expect a string. Only text parts exist
-    here. Tool-call arguments arrive as JSON strings; templates iterate them as mappings."""
+    here. Tool-call arguments arrive as JSON strings; templates iterate them as mappings. `where`
+    is the message's place in the request ("messages[2]"), for the error's param. The protocol
+    models have checked the shapes: content parts have a string type, tool calls a function."""
     content = message.get("content")
     if isinstance(content, list):
         texts = []
-        for part in content:
-            kind = part.get("type")
+        for i, part in enumerate(content):
+            kind, param = part["type"], f"{where}.content[{i}]"
             if kind in _NOT_TEXT:
-                raise APIError(400, f"{_NOT_TEXT[kind]} are not supported by this model: send text only", param="messages")
+                raise APIError(400, f"{_NOT_TEXT[kind]} are not supported by this model: send text only", param=param)
             if kind != "text":
-                raise APIError(400, f"content parts of type {kind!r} are not supported", param="messages")
+                raise APIError(400, f"content parts of type {kind!r} are not supported", param=param)
             if not isinstance(part.get("text"), str):
-                raise APIError(400, "a text content part needs a string `text`", param="messages")
+                raise APIError(400, "a text content part needs a string `text`", param=f"{param}.text")
             texts.append(part["text"])
         message["content"] = "\n".join(texts)
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+    for i, call in enumerate(message.get("tool_calls") or []):
+        function = call["function"]
+        if isinstance(function["arguments"], str):
             try:
                 function["arguments"] = json.loads(function["arguments"])
             except json.JSONDecodeError as e:
-                raise APIError(400, f"tool call arguments are not valid JSON: {e}", param="messages") from e
+                param = f"{where}.tool_calls[{i}].function.arguments"
+                raise APIError(400, f"tool call arguments are not valid JSON: {e}", param=param) from e
     return message
 
 

@@ -2,28 +2,37 @@
 
 Request models take the subset of OpenAI's fields that fp4serve implements, plus vLLM's sampling
 extensions (top_k, min_p, repetition_penalty, stop_token_ids, ...). Fields outside the schema are
-ignored, as vLLM and OpenAI do. Ranges are not checked here: SamplingParams is the one place that
-knows them, and its InvalidRequestError becomes a 400 like any other.
+ignored, as vLLM and OpenAI do. Request fields are strict: JSON's true is not the integer 1, "2" is
+not a number, and NaN or Infinity (which Python's JSON parser accepts) is no float. Ranges are not
+checked here: SamplingParams is the one place that knows them, and its InvalidRequestError becomes a
+400 naming the field like any other.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from fp4serve.errors import Fp4ServeError, InvalidRequestError
-from fp4serve.sampling_params import SamplingParams
+from fp4serve.errors import InvalidRequestError
+from fp4serve.sampling_params import FLOAT_RANGES, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class RequestModel(OpenAIModel):
+    """What a client sends: no type coercion, finite floats only."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -53,13 +62,16 @@ class APIError(Exception):
 
 
 def error_response(error: Exception) -> tuple[int, ErrorResponse]:
-    """The HTTP status and body for any exception: our own 4xx, or a 500 that names the failure."""
+    """The HTTP status and body for any exception: our own 4xx, or a 500 that tells the client
+    only an id to quote; the failure itself goes to the log under that id."""
     if isinstance(error, APIError):
         status, message, param, code = error.status, error.message, error.param, error.code
     elif isinstance(error, InvalidRequestError):
-        status, message, param, code = 400, str(error), None, None
+        status, message, param, code = 400, str(error), error.param, None
     else:
-        status, message, param, code = 500, f"{type(error).__name__}: {error}", None, None
+        error_id = uuid.uuid4().hex[:16]
+        log.error("internal error %s: %s: %s", error_id, type(error).__name__, error, exc_info=error)
+        status, message, param, code = 500, f"internal error (request id {error_id})", None, None
     # OpenAI's own types: the caller's fault, or ours.
     kind = "server_error" if status >= 500 else "invalid_request_error"
     return status, ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
@@ -97,9 +109,7 @@ async def sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield sse_event(chunk)
-    except Exception as e:
-        if not isinstance(e, Fp4ServeError):  # a bug here; engine failures were logged where they happened
-            log.error("stream failed", exc_info=e)
+    except Exception as e:  # error_response logs a server-side failure
         yield sse_event(error_response(e)[1])
     yield SSE_DONE
 
@@ -119,7 +129,7 @@ class UsageInfo(OpenAIModel):
         )
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -159,7 +169,16 @@ UNSUPPORTED_FIELDS = {
 }
 
 
-class SamplingRequest(OpenAIModel):
+def sampling_range(name: str):
+    """A float field with SamplingParams' range for it, so the OpenAPI schema states what is enforced."""
+    low, high, low_open = FLOAT_RANGES[name]
+    return Field(None, gt=low, le=high) if low_open else Field(None, ge=low, le=high)
+
+
+TokenId = Annotated[int, Field(ge=0)]  # and below the vocabulary size, which the engine checks
+
+
+class SamplingRequest(RequestModel):
     """Fields common to /v1/completions and /v1/chat/completions. A sampling field left out (None)
     takes the model's generation_config default, then SamplingParams' own."""
 
@@ -177,16 +196,16 @@ class SamplingRequest(OpenAIModel):
     model: str | None = None  # None: the first served model name
     n: int = 1
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = sampling_range("temperature")
+    top_p: float | None = sampling_range("top_p")
     top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    min_p: float | None = sampling_range("min_p")
+    presence_penalty: float | None = sampling_range("presence_penalty")
+    frequency_penalty: float | None = sampling_range("frequency_penalty")
+    repetition_penalty: float | None = sampling_range("repetition_penalty")
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     min_tokens: int | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -252,7 +271,7 @@ def check_context_length(prompt_len: int, max_tokens: int | None, max_model_len:
 
 # ---- /v1/completions ----------------------------------------------------------------------------
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     logprobs: int | None = None
 
     def requested_logprobs(self) -> int | None:
@@ -284,42 +303,66 @@ class CompletionResponse(OpenAIModel):
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------------
-class ChatMessage(OpenAIModel):
-    """A message as the chat template sees it; fields beyond role and content (name, tool_calls,
-    ...) are kept and handed to the template."""
+class ContentPart(RequestModel):
+    """One part of a message's content list; chat.py decides which types it takes."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    type: str
+
+
+class MessageFunctionCall(RequestModel):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string; chat.py hands templates a mapping
+
+
+class MessageToolCall(RequestModel):
+    """A tool call in an assistant message of the conversation (OpenAI's shape)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
+class ChatMessage(RequestModel):
+    """A message as the chat template sees it; fields beyond these (reasoning_content, ...) are
+    kept and handed to the template. The typed ones are those templates iterate or print."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
 
-class FunctionDefinition(OpenAIModel):
+class FunctionDefinition(RequestModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # JSON schema of the arguments
 
 
-class ToolDefinition(OpenAIModel):
+class ToolDefinition(RequestModel):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(OpenAIModel):
+class NamedFunction(RequestModel):
     name: str
 
 
-class NamedToolChoice(OpenAIModel):
+class NamedToolChoice(RequestModel):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class ResponseFormat(OpenAIModel):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from fp4serve.engine.async_engine import AsyncEngine
 from fp4serve.server.chat import apply_chat_template
 from fp4serve.server.prompt_work import PromptWork, chat_length
-from fp4serve.server.protocol import APIError, ChatCompletionRequest, ChatMessage, OpenAIModel, ToolDefinition
+from fp4serve.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    OpenAIModel,
+    RequestModel,
+    TokenId,
+    ToolDefinition,
+)
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestModel):
     """Either `prompt` (completions) or `messages` (chat, rendered with the chat template)."""
 
     model: str | None = None
     prompt: str | None = None
     add_special_tokens: bool = True  # for `prompt`; a chat template writes its own
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ToolDefinition] | None = None
@@ -31,9 +41,9 @@ class TokenizeResponse(OpenAIModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(OpenAIModel):

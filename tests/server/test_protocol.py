@@ -76,16 +76,17 @@ def chat(app, **fields) -> httpx.Response:
     "fields, words, param",
     [
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "images are not supported by this model", "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "weird"}]}]}, "'weird' are not supported", "messages"),
+         "images are not supported by this model", "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "weird"}]}]}, "'weird' are not supported",
+         "messages[0].content[0]"),
         ({"messages": "hello"}, "messages", "messages"),
         ({"max_tokens": "many"}, "max_tokens", "max_tokens"),
-        ({"temperature": 3.5, "top_p": 0}, "top_p", None),
+        ({"temperature": 3.5, "top_p": 0}, "top_p", "top_p"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs json_schema.schema",
          "response_format"),
         pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-                     "cannot be compiled into a grammar", None, marks=needs_xgrammar),
-        ({"response_format": {"type": "yaml"}}, "response_format", "response_format"),
+                     "cannot be compiled into a grammar", "response_format", marks=needs_xgrammar),
+        ({"response_format": {"type": "yaml"}}, "response_format", "response_format.type"),
         ({"logit_bias": {"5": 10}}, "logit_bias is not supported", "logit_bias"),
         ({"guided_json": {"type": "object"}}, "constrained decoding", "guided_json"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, '"auto" tool choice requires', "tool_choice"),
@@ -94,20 +95,102 @@ def chat(app, **fields) -> httpx.Response:
         ({"tools": [{"type": "function", "function": {"name": "f"}}],
           "tool_choice": {"type": "function", "function": {"name": "g"}}}, "'g', which is not in tools", "tool_choice"),
         ({"tool_choice": "auto"}, "tool_choice requires tools", "tool_choice"),
-        ({"tools": [{"type": "function"}]}, "tools.0.function", "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function", "tools[0].function"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
-         "tool call arguments are not valid JSON", "messages"),
+         "tool call arguments are not valid JSON", "messages[0].tool_calls[0].function.arguments"),
         ({"max_tokens": 128}, "maximum context length is 128 tokens", None),
-        ({"seed": 2**70}, "seed must be in", None),
-        ({"messages": []}, "the chat template cannot render this request", "messages"),
+        ({"seed": 2**70}, "seed must be in", "seed"),
+        ({"messages": []}, "messages: List should have at least 1 item", "messages"),
         ({"chat_template_kwargs": {"continue_final_message": True}}, "cannot render", "messages"),
         ({"chat_template_kwargs": {"messages": []}}, "cannot render", "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "needs a string `text`", "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "needs a string `text`",
+         "messages[0].content[0].text"),
     ],
 )  # fmt: skip
 def test_bad_chat_request(app, fields, words, param):
     assert_error(chat(app, **fields), 400, words, param)
+
+
+# Each probe that once passed validation and then broke the engine step, or answered 500.
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b'"temperature": NaN', "temperature"),
+        (b'"temperature": Infinity', "temperature"),
+        (b'"repetition_penalty": NaN', "repetition_penalty"),
+        (b'"temperature": 1e39, "min_tokens": 1', "temperature"),
+        (b'"repetition_penalty": 1e-30', "repetition_penalty"),
+        (b'"stop_token_ids": [1000000]', "stop_token_ids"),
+        (b'"stop_token_ids": [1180591620717411303424]', "stop_token_ids[0]"),
+        (b'"stop_token_ids": [true]', "stop_token_ids[0]"),
+        (b'"stop_token_ids": [-1]', "stop_token_ids[0]"),
+        (b'"max_tokens": true', "max_tokens"),
+        (b'"top_k": 1180591620717411303424', "top_k"),
+        (b'"temperature": "0.5"', "temperature"),
+        (b'"messages": [{"role": "user", "content": "hi", "tool_calls": 5}]', "messages[0].tool_calls"),
+        (b'"messages": [{"role": "user", "content": "hi", "tool_calls": [true]}]', "messages[0].tool_calls[0]"),
+        (b'"messages": [{"role": "user", "content": "hi", "name": 1.5}]', "messages[0].name"),
+        (b'"messages": [{"role": "user", "content": [{"type": []}]}]', "messages[0].content[0].type"),
+        (b'"messages": [{"role": "user", "content": [5]}]', "messages[0].content[0]"),
+    ],
+)  # fmt: skip
+def test_malformed_fields_are_400_naming_the_field(app, body, param):
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, ' + body + b"}"
+    response = call(app, "POST", "/v1/chat/completions", headers=AUTH | {"Content-Type": "application/json"}, content=raw)
+    assert_error(response, 400, "", param)
+
+
+def test_tokenizer_routes_refuse_malformed_fields(app):
+    bad_part = {"messages": [{"role": "user", "content": [{"type": []}]}]}
+    assert_error(call(app, "POST", "/tokenize", json=bad_part), 400, "", "messages[0].content[0].type")
+    assert_error(call(app, "POST", "/tokenize", json={"messages": []}), 400, "at least 1 item", "messages")
+    assert_error(call(app, "POST", "/detokenize", json={"tokens": [True, False]}), 400, "valid integer", "tokens[0]")
+    assert_error(call(app, "POST", "/detokenize", json={"tokens": [-1]}), 400, "", "tokens[0]")
+
+
+def test_completion_prompt_ids_are_strict(app):
+    post = lambda prompt: call(app, "POST", "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+    assert_error(post([1, True]), 400, "", "prompt[1]")
+    assert_error(post([1, 300]), 400, "out of the vocabulary", "prompt")
+
+
+def test_invalid_json_has_no_param(app):
+    response = call(app, "POST", "/v1/completions", headers=AUTH | {"Content-Type": "application/json"},
+                    content=b'{"model": "tiny", "prompt": "w1",,}')  # fmt: skip
+    error = assert_error(response, 400, "not a JSON object")
+    assert error["param"] is None
+
+
+def test_a_bug_is_an_internal_error_with_an_id(app, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("secret detail at /srv/fp4serve/server/tokenize.py")
+
+    monkeypatch.setattr("fp4serve.server.app.detokenize", broken)
+    error = assert_error(call(app, "POST", "/detokenize", json={"tokens": [1]}), 500, "internal error (request id ")
+    assert "secret" not in error["message"] and error["param"] is None
+    error_id = error["message"].removeprefix("internal error (request id ").removesuffix(")")
+    assert any(error_id in r.getMessage() and "secret detail" in r.getMessage() for r in caplog.records)
+
+
+@needs_xgrammar
+def test_grammar_errors_carry_no_source_path(app):
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    error = assert_error(chat(app, response_format=schema), 400, "nonsense", "response_format")
+    assert ".cc:" not in error["message"] and "/" not in error["message"]
+
+
+def test_openapi_lists_the_statuses_sent(app):
+    schema = call(app, "GET", "/openapi.json").json()
+    assert "422" not in json.dumps(schema["paths"]) and "HTTPValidationError" not in json.dumps(schema)
+    chat_op = schema["paths"]["/v1/chat/completions"]["post"]
+    assert set(chat_op["responses"]) == {"200", "400", "401", "404", "413", "500", "503"}
+    assert chat_op["responses"]["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert set(schema["paths"]["/detokenize"]["post"]["responses"]) == {"200", "400", "401", "404", "413", "500"}
+    request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert request["messages"]["minItems"] == 1
+    assert {"minimum": 0, "maximum": 100} .items() <= request["temperature"]["anyOf"][0].items()
+    assert schema["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"]["minimum"] == 0
 
 
 def test_ignored_and_accepted_fields(app):
@@ -144,9 +227,9 @@ def test_body_size_limit(app):
     assert_error(call(app, "POST", "/v1/completions", content=chunks()), 413, "larger than the limit")
 
 
-def test_max_queue_answers_503_with_retry_after(async_engine, monkeypatch):
-    """With the engine busy, requests beyond --max-queue waiting ones are refused, not queued."""
-    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+@pytest.fixture
+def blocked_engine(async_engine, monkeypatch):
+    """The engine with its step held until the returned event is set: requests pile up waiting."""
     engine = async_engine.engine
     release = threading.Event()
     real_step = engine.step
@@ -156,21 +239,44 @@ def test_max_queue_answers_503_with_retry_after(async_engine, monkeypatch):
         return real_step()
 
     monkeypatch.setattr(engine, "step", blocked_step)
+    yield release
+    release.set()
+
+
+def post_concurrently(app, async_engine, release, num_admitted: int, num_more: int) -> list[httpx.Response]:
+    """Send `num_admitted` requests and wait until they all wait in the engine, then `num_more`;
+    let the engine run once those are answered (refused) or have joined the others."""
     body = {"model": "tiny", "prompt": "w1 w2", "max_tokens": 2}
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            first = asyncio.ensure_future(client.post("/v1/completions", json=body))
-            while async_engine.num_waiting() < 1:
+            admitted = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(num_admitted)]
+            while async_engine.num_waiting() < num_admitted:
                 await asyncio.sleep(0.01)
-            refused = await client.post("/v1/completions", json=body)
+            more = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(num_more)]
+            await asyncio.wait(more, timeout=0.5)
             release.set()
-            return await first, refused
+            return await asyncio.gather(*admitted, *more)
 
-    first, refused = asyncio.run(go())
-    assert first.status_code == 200
+    return asyncio.run(go())
+
+
+def test_max_queue_answers_503_with_retry_after(async_engine, blocked_engine, monkeypatch):
+    """With every sequence slot taken, requests beyond --max-queue waiting ones are refused, not queued."""
+    monkeypatch.setattr(async_engine.engine.scheduler, "max_num_seqs", 1)
+    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+    # The first takes the one slot, the second is the one queued request, the third is refused.
+    first, second, refused = post_concurrently(app, async_engine, blocked_engine, 2, 1)
+    assert first.status_code == second.status_code == 200
     assert_error(refused, 503, "requests are already waiting")
     assert refused.headers["retry-after"] == "1"
+
+
+def test_max_queue_does_not_count_requests_with_a_free_slot(async_engine, blocked_engine):
+    """A burst at an idle server fits its free sequence slots: none of it waits, none is refused."""
+    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+    responses = post_concurrently(app, async_engine, blocked_engine, 6, 2)
+    assert [r.status_code for r in responses] == [200] * 8
 
 
 # ---- auth ---------------------------------------------------------------------------------------
@@ -183,6 +289,12 @@ def test_protected_routes_need_the_key(app, method, path):
         response = call(app, method, path, headers=headers, **({"json": {}} if method == "POST" else {}))
         assert_error(response, 401, "API key")
         assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_auth_scheme_is_case_insensitive(app):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert call(app, "GET", "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert_error(call(app, "GET", "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401, "API key")
 
 
 def test_open_routes(app):
