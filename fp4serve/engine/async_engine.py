@@ -267,17 +267,16 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except Exception:
             # engine.step() fails requests itself, each alone where it can: this is a bug beyond
             # that. The engine cannot tell which requests it left half-done, so all of them end
-            # with the error and the engine is left empty for the next request. Should an abort
-            # fail too, the engine is broken beyond that: the exception ends the loop.
+            # as failed (counted as errors, not aborts) and the engine is left empty for the next
+            # request. Should that fail too, the engine is broken beyond it: the exception ends the loop.
             log.exception("engine step failed; failing the %d running requests", len(self._streams))
-            error = RequestFailedError(f"the engine failed while running this request: {e!r}")
             for request_id, stream in list(self._streams.items()):
-                self.engine.abort_request(request_id)
+                self.engine.fail_request(request_id)
                 del self._streams[request_id]
-                stream._put(error)
+                stream._put(_request_failed(request_id))
             return
         for output in outputs:
             stream = self._streams[output.request_id]

@@ -231,6 +231,16 @@ class LLMEngine:
         self.stats.record([output])
         return output
 
+    def fail_request(self, request_id: str) -> RequestOutput | None:
+        """End a live request as failed (finish reason "error"), e.g. after a step raised past its
+        own guards; None if the request is not live."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.finished:
+            return None
+        output = self._fail(request)
+        self.stats.record([output])
+        return output
+
     def _fail(self, request: Request) -> RequestOutput:
         """End a request the engine failed to process: its resources go back to the pools, and its
         last output carries finish reason "error" and no new tokens. Built from plain fields only,

@@ -245,3 +245,39 @@ def test_the_async_engine_fails_only_the_failing_stream(target, clean):
     results = asyncio.run(serve())
     assert isinstance(results[2], RequestFailedError) and "InjectedFault" not in str(results[2])
     assert [r for i, r in enumerate(results) if i != 2] == [expected[f"r{i}"] for i in range(8) if i != 2]
+
+
+def test_a_step_that_raises_past_its_guards_fails_its_streams_as_errors(target, clean, monkeypatch):
+    """A bug outside step()'s own guards (here in schedule()): the async engine ends every live
+    request as failed, counted as an error (not an abort), frees everything, and serves on."""
+    prompts, expected = clean
+    engine = LLM(str(target), **SETTINGS).engine
+    free_blocks = engine.block_pool.num_free
+    real_schedule, calls = engine.scheduler.schedule, 0
+
+    def schedule():
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise InjectedFault("the scheduler")
+        return real_schedule()
+
+    monkeypatch.setattr(engine.scheduler, "schedule", schedule)
+
+    async def serve(ids):
+        async_engine = AsyncEngine(engine)
+        try:
+
+            async def one(i):
+                stream = await async_engine.add_request(prompts[i], greedy(), f"{ids}{i}")
+                return (await stream.final_output()).outputs[0].token_ids
+
+            return await asyncio.gather(*(one(i) for i in range(4)), return_exceptions=True)
+        finally:
+            async_engine.shutdown()
+
+    results = asyncio.run(serve("a"))
+    assert all(isinstance(r, RequestFailedError) and "InjectedFault" not in str(r) for r in results)
+    assert engine.stats.finished["error"] == 4 and engine.stats.finished["abort"] == 0
+    assert_idle(engine, free_blocks)
+    assert asyncio.run(serve("b")) == [expected[f"r{i}"] for i in range(4)]  # it serves on
