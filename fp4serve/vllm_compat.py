@@ -27,9 +27,7 @@ def vllm_flag_notes(config: EngineConfig) -> list[str]:
             f"and --nvfp4-compute {config.nvfp4_compute} chooses their numerics (w4a4 is vLLM's Blackwell one)"
         )
     if config.moe_backend is not None:
-        notes.append(
-            f"--moe-backend {config.moe_backend}: not applicable; MoE experts run fp4serve's own kernels"
-        )
+        notes.append(f"--moe-backend {config.moe_backend}: not applicable; MoE experts run fp4serve's own kernels")
     if config.mm_encoder_tp_mode is not None:
         notes.append(
             f"--mm-encoder-tp-mode {config.mm_encoder_tp_mode}: not applicable; fp4serve serves the text path "
