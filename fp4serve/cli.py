@@ -143,8 +143,8 @@ class UnsupportedFlag(argparse.Action):
         self.advice = advice
 
     def __call__(self, parser, namespace, values, option_string=None):
-        refused = getattr(namespace, _REFUSED, [])
-        setattr(namespace, _REFUSED, [*refused, f"{option_string}: fp4serve does not support this vLLM flag yet ({self.advice})"])
+        refusal = f"{option_string}: fp4serve does not support this vLLM flag yet ({self.advice})"
+        setattr(namespace, _REFUSED, [*getattr(namespace, _REFUSED, []), refusal])
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -156,13 +156,12 @@ class FlagParser(argparse.ArgumentParser):
         refused = getattr(namespace, _REFUSED, [])
         unknown = [arg.split("=", 1)[0] for arg in extras if arg.startswith("-")]
         refused += [f"{flag}: fp4serve does not support vLLM's {flag} (unknown flag; see --help)" for flag in unknown]
-        if not refused and extras:  # beside an unknown flag, a stray word is that flag's value
+        # A word after an unknown flag is that flag's value; words alone are stray arguments.
+        if not refused and extras:
             refused = [f"unexpected argument {arg!r}" for arg in extras]
         if refused:
             command = " ".join(filter(None, [self.prog, getattr(namespace, "command", None)]))
             self.exit(2, f"{command}: error: cannot start with these flags:\n  " + "\n  ".join(refused) + "\n")
-        if hasattr(namespace, _REFUSED):
-            delattr(namespace, _REFUSED)
         return namespace
 
 
