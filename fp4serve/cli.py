@@ -102,19 +102,19 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-log-requests", action="store_true", help="accepted: fp4serve does not log requests")
     p.add_argument("--disable-log-stats", action="store_true", help="accepted: statistics are only on /metrics")
     for flags, advice in UNSUPPORTED_VLLM_FLAGS.items():
-        p.add_argument(*flags, nargs="?", action=UnsupportedFlag, advice=advice, help=argparse.SUPPRESS)
+        p.add_argument(
+            *flags, nargs="?", action=UnsupportedFlag, advice=advice, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
 
 
 # vLLM flags that users type and fp4serve does not support (yet): refused with a message, never
-# silently ignored. docs/serving.md lists them.
+# silently ignored. docs/serving.md lists them. The vLLM flags fp4serve accepts are engine flags
+# (config.py) or server flags (add_server_args).
 UNSUPPORTED_VLLM_FLAGS = {
-    ("--tensor-parallel-size", "-tp"): "fp4serve runs one model on one device",
     ("--pipeline-parallel-size", "-pp"): "fp4serve runs one model on one device",
     ("--data-parallel-size", "-dp"): "run several fp4serve servers behind a load balancer instead",
     ("--enable-expert-parallel",): "fp4serve runs one model on one device",
-    ("--gpu-memory-utilization",): "size the cache with --kv-cache-memory (e.g. 8GiB) instead",
     ("--kv-cache-memory-bytes",): "use --kv-cache-memory (e.g. 8GiB)",
-    ("--mamba-cache-mode",): "prefix caching of GDN state is not implemented; it is off for hybrid models",
     ("--cpu-offload-gb",): "weights are not offloaded",
     ("--swap-space",): "preempted requests are recomputed, never swapped",
     ("--enable-lora", "--lora-modules"): "LoRA adapters are not supported",
@@ -133,6 +133,8 @@ UNSUPPORTED_VLLM_FLAGS = {
     ("--uvicorn-log-level",): "use --log-level",
     ("--speculative-model", "--num-speculative-tokens"): "use --speculative-config JSON",
 }
+# Where UnsupportedFlag collects its refusals, for FlagParser to report them all at once.
+_REFUSED = "_refused_flags"
 
 
 class UnsupportedFlag(argparse.Action):
@@ -141,7 +143,26 @@ class UnsupportedFlag(argparse.Action):
         self.advice = advice
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string}: fp4serve does not support this vLLM flag yet ({self.advice})")
+        refusal = f"{option_string}: fp4serve does not support this vLLM flag yet ({self.advice})"
+        setattr(namespace, _REFUSED, [*getattr(namespace, _REFUSED, []), refusal])
+
+
+class FlagParser(argparse.ArgumentParser):
+    """Reports every flag it cannot take in one message, each with its reason, and exits 2: a
+    `vllm serve` line then shows all its changes at once, not one argparse error per try."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        refused = getattr(namespace, _REFUSED, [])
+        unknown = [arg.split("=", 1)[0] for arg in extras if arg.startswith("-")]
+        refused += [f"{flag}: fp4serve does not support vLLM's {flag} (unknown flag; see --help)" for flag in unknown]
+        # A word after an unknown flag is that flag's value; words alone are stray arguments.
+        if not refused and extras:
+            refused = [f"unexpected argument {arg!r}" for arg in extras]
+        if refused:
+            command = " ".join(filter(None, [self.prog, getattr(namespace, "command", None)]))
+            self.exit(2, f"{command}: error: cannot start with these flags:\n  " + "\n  ".join(refused) + "\n")
+        return namespace
 
 
 def cmd_generate(args) -> None:
@@ -202,7 +223,7 @@ def cmd_convert_gguf(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fp4serve", description=__doc__)
+    parser = FlagParser(prog="fp4serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")

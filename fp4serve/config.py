@@ -27,6 +27,7 @@ QUANTIZATIONS = ("modelopt", "compressed-tensors", "nvfp4")
 NVFP4_COMPUTES = ("auto", "w4a16", "w4a4")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4")
 GENERATION_CONFIGS = ("auto", "vllm")
+MAMBA_CACHE_MODES = ("none", "all", "align")  # vLLM's; fp4serve behaves as "none" for each (vllm_compat.py)
 _UNITS = {
     "": 1, "b": 1,
     "k": 1e3, "kb": 1e3, "kib": 2**10,
@@ -70,7 +71,11 @@ class EngineConfig:
     max_num_seqs: int = engine_arg(64, "maximum concurrent sequences")
     max_num_batched_tokens: int = engine_arg(2048, "token budget of one step")
     block_size: int = engine_arg(16, "tokens per KV cache block")
-    kv_cache_memory: int | str = engine_arg("2GiB", "memory for KV cache and GDN state, e.g. 2GiB or bytes")
+    kv_cache_memory: int | str | None = engine_arg(
+        None,
+        "memory for KV cache and GDN state, e.g. 2GiB or bytes "
+        "(default: --gpu-memory-utilization's share of the device when given, else 2GiB)",
+    )
     enable_prefix_caching: bool = engine_arg(True, negatable=True)
     enable_chunked_prefill: bool = engine_arg(True, negatable=True)
     seed: int = 0
@@ -113,6 +118,27 @@ class EngineConfig:
     speculative_config: dict | str | None = engine_arg(
         None, 'JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\''
     )
+    # vLLM flags that `vllm serve` recipes pass, so that such a line starts as written. Each has
+    # vLLM's meaning where fp4serve can honour it, else the engine logs what fp4serve does instead
+    # (fp4serve/vllm_compat.py); docs/serving.md has the table.
+    gpu_memory_utilization: float | None = engine_arg(
+        None,
+        "fraction of the device's memory (CPU: of available RAM) for weights, KV cache and GDN state, as in "
+        "vLLM; sizes the cache when --kv-cache-memory is not given",
+    )
+    tensor_parallel_size: int = engine_arg(
+        1, "accepted as 1 (fp4serve runs one device); larger values are refused", aliases=("-tp",)
+    )
+    attention_backend: str | None = engine_arg(None, "accepted and logged: fp4serve has one attention path")
+    linear_backend: str | None = engine_arg(None, "accepted and logged: NVFP4 linears follow --nvfp4-compute")
+    moe_backend: str | None = engine_arg(None, "accepted and logged: MoE experts run fp4serve's own path")
+    mm_encoder_tp_mode: str | None = engine_arg(None, "accepted and logged: no vision encoder is served")
+    mamba_cache_mode: str | None = engine_arg(
+        None,
+        "accepted and logged: prefix caching of GDN state is not implemented yet (one state per sequence)",
+        choices=MAMBA_CACHE_MODES,
+    )
+    mamba_block_size: int | None = engine_arg(None, "accepted and logged: GDN state is kept per sequence, not per block")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -123,7 +149,18 @@ class EngineConfig:
         return cls(**kwargs)
 
     def __post_init__(self):
-        self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization}: give a fraction in (0, 1]")
+        if self.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"--tensor-parallel-size {self.tensor_parallel_size}: fp4serve runs the model on one device, while "
+                f"vLLM would split this checkpoint across {self.tensor_parallel_size} GPUs; drop the flag (or pass 1) "
+                "if the model fits one device"
+            )
+        if self.mamba_cache_mode is not None and self.mamba_cache_mode not in MAMBA_CACHE_MODES:
+            raise ConfigError(f"--mamba-cache-mode {self.mamba_cache_mode!r}: choose {', '.join(MAMBA_CACHE_MODES)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose auto, {', '.join(DTYPES)}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

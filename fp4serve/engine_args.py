@@ -36,12 +36,14 @@ def _argument(field: dataclasses.Field, hint) -> tuple[list[str], dict]:
     names = ["--" + field.name.replace("_", "-"), *meta.get("aliases", ())]
     if hint is bool:
         options["action"] = argparse.BooleanOptionalAction if meta.get("negatable") else "store_true"
-    elif _holds_only_ints(hint):
+    elif _holds_only(hint, int):
         options["type"] = int
+    elif _holds_only(hint, float):
+        options["type"] = float
     return names, options
 
 
-def _holds_only_ints(hint) -> bool:
-    """int or int | None. Other fields (kv_cache_memory: int | str) take the text as typed, for
-    EngineConfig to parse."""
-    return hint is int or set(typing.get_args(hint)) == {int, type(None)}
+def _holds_only(hint, kind: type) -> bool:
+    """kind or kind | None. Other fields (kv_cache_memory: int | str | None) take the text as
+    typed, for EngineConfig to parse."""
+    return hint is kind or set(typing.get_args(hint)) == {kind, type(None)}

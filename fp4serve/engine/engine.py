@@ -11,6 +11,7 @@ from fp4serve.config import EngineConfig, ModelInfo
 from fp4serve.engine.block_pool import BlockPool
 from fp4serve.engine.cache import allocate_caches
 from fp4serve.engine.detokenizer import IncrementalDetokenizer
+from fp4serve.engine.memory import device_memory, kv_cache_budget, weight_bytes
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner, StepOutput
 from fp4serve.engine.scheduler import Scheduler, SchedulerPlan
@@ -30,6 +31,7 @@ from fp4serve.spec_decode.config import SpeculativeConfig, parse_speculative_con
 from fp4serve.spec_decode.metrics import SpecDecodingLogger, SpecDecodingStats
 from fp4serve.spec_decode.proposer import CommittedStep, Proposer, make_proposer
 from fp4serve.tokenizer import NoTokenizer, eos_token_ids, load_tokenizer, read_generation_config, sampling_defaults
+from fp4serve.vllm_compat import vllm_flag_notes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
+        for note in vllm_flag_notes(config):
+            log.info("%s", note)
         self.model_path = resolve_model_path(config.model)
         self.info = ModelInfo.load(self.model_path)
         self.spec_config: SpeculativeConfig | None = parse_speculative_config(
@@ -75,6 +79,7 @@ class LLMEngine:
         self.dtype, why = self.info.torch_dtype(config.dtype, self.device)
         log.info("%s; dtype %s (%s)", describe_device(self.device), str(self.dtype).removeprefix("torch."), why)
         self.quant = resolve_quantization(config.quantization, self.info.quant, self.model_path)
+        self._device_memory = device_memory(self.device)  # before the weights take their share
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
         self.model = load_model(self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head)
         phases.done("weights")
@@ -125,8 +130,10 @@ class LLMEngine:
         # No more KV than the scheduler can fill: every sequence at max_model_len, plus room for
         # the drafts a step verifies beyond it and a partial last block.
         lookahead = (self.spec_config.num_speculative_tokens + 1 if self.spec_config else 0) + config.block_size
+        weight_modules = [self.model, *(self.proposer.weight_modules() if self.proposer else [])]
+        self.kv_cache_memory = kv_cache_budget(config, self._device_memory, weight_bytes(self.device, weight_modules))
         capacity = allocate_caches(
-            layers, config.max_num_seqs if hybrid else 0, config.kv_cache_memory, config.block_size, kv_format,
+            layers, config.max_num_seqs if hybrid else 0, self.kv_cache_memory, config.block_size, kv_format,
             self.device, self.dtype, max_tokens=config.max_num_seqs * (self.max_model_len + lookahead),
         )  # fmt: skip
         scales = kv_scale_source(layers, kv_format, config.calculate_kv_scales)
@@ -137,7 +144,7 @@ class LLMEngine:
         if capacity.num_tokens < self.max_model_len:
             raise ConfigError(
                 f"the KV cache holds {capacity.num_tokens} tokens, fewer than max_model_len {self.max_model_len}: "
-                f"raise --kv-cache-memory or lower --max-model-len"
+                f"raise --kv-cache-memory (or --gpu-memory-utilization) or lower --max-model-len"
             )
         prefix_caching = config.enable_prefix_caching
         if prefix_caching and hybrid:
@@ -149,12 +156,12 @@ class LLMEngine:
             capacity.num_state_slots, self.eos_token_ids,
         )  # fmt: skip
         log.info(
-            "KV cache: %s, %s tokens (%.1fx of %s): %d blocks x %d tokens (%.1f KiB/token, %.1f MiB of --kv-cache-memory "
+            "KV cache: %s, %s tokens (%.1fx of %s): %d blocks x %d tokens (%.1f KiB/token, %.1f MiB of a budget of "
             "%.1f MiB; sized for --max-num-seqs %d x --max-model-len %d at most), GDN state %.1f MiB for %d slots; "
             "maximum concurrency for %d tokens per request: %.2fx; KV scales: %s",
             kv_format.name, _count(capacity.num_tokens), capacity.gain, capacity.baseline_format.name,
             capacity.num_blocks, capacity.block_size, capacity.kv_bytes_per_token / 1024,
-            capacity.num_tokens * capacity.kv_bytes_per_token / 2**20, config.kv_cache_memory / 2**20,
+            capacity.num_tokens * capacity.kv_bytes_per_token / 2**20, self.kv_cache_memory / 2**20,
             config.max_num_seqs, self.max_model_len, capacity.state_bytes / 2**20,
             capacity.num_state_slots, self.max_model_len, capacity.num_tokens / self.max_model_len, scales,
         )  # fmt: skip

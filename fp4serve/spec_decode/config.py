@@ -13,7 +13,9 @@ from fp4serve.errors import ConfigError, Fp4ServeError
 
 MTP_ALIASES = ("mtp", "qwen3_5_mtp", "qwen3_next_mtp")
 METHODS = ("ngram", *MTP_ALIASES, "dflash")
-_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+# attention_backend: vLLM's drafter kernel choice; fp4serve has one attention path, and the engine
+# logs so (vllm_compat.py).
+_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "attention_backend"}
 # vLLM's default lookup window when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
 

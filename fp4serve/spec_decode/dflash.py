@@ -24,6 +24,9 @@ class DFlashProposer(Proposer):
     def cache_layers(self):
         return self.drafter.cache_layers()
 
+    def weight_modules(self):
+        return [self.drafter]
+
     @torch.inference_mode()
     def propose(self, requests, limits, committed: CommittedStep, reserve: Reserve) -> list[list[int]]:
         batch = committed.batch

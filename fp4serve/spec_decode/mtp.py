@@ -25,6 +25,9 @@ class MTPProposer(Proposer):
     def cache_layers(self):
         return self.head.cache_layers()
 
+    def weight_modules(self):
+        return [self.head]
+
     @torch.inference_mode()
     def propose(self, requests, limits, committed: CommittedStep, reserve: Reserve) -> list[list[int]]:
         if not committed.rows:

@@ -43,6 +43,10 @@ class Proposer(ABC):
         """The drafter's attention layers: their KV shares the target's blocks and block tables."""
         return []
 
+    def weight_modules(self) -> list[nn.Module]:
+        """The drafter's own modules, whose weights the cache budget leaves room for."""
+        return []
+
     @abstractmethod
     def propose(self, requests: list, limits: list[int], committed: CommittedStep, reserve: Reserve) -> list[list[int]]:
         """Up to limits[i] draft tokens for requests[i]."""

@@ -87,7 +87,7 @@ def test_summary_agrees_with_the_raw_requests(run_dir):
 
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     log = tmp_path / "server.log"
-    expected = "exited with code 2 before it was ready(.|\n)*unrecognized arguments: --no-such-flag"
+    expected = "exited with code 2 before it was ready(.|\n)*--no-such-flag: fp4serve does not support vLLM's --no-such-flag"
     with pytest.raises(BenchError, match=expected), LocalServer("--no-such-flag", log_path=log):
         pass
     with pytest.raises(BenchError, match="must not set --host or --port"):

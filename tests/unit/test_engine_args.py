@@ -44,6 +44,14 @@ ENGINE_FLAGS = [
     (["--kv-cache-dtype"], ["auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4"]),
     (["--calculate-kv-scales"], None),
     (["--speculative-config"], None),
+    (["--gpu-memory-utilization"], None),
+    (["--tensor-parallel-size", "-tp"], None),
+    (["--attention-backend"], None),
+    (["--linear-backend"], None),
+    (["--moe-backend"], None),
+    (["--mm-encoder-tp-mode"], None),
+    (["--mamba-cache-mode"], ["none", "all", "align"]),
+    (["--mamba-block-size"], None),
 ]
 
 
