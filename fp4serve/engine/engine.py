@@ -79,7 +79,9 @@ class LLMEngine:
         self.dtype, why = self.info.torch_dtype(config.dtype, self.device)
         log.info("%s; dtype %s (%s)", describe_device(self.device), str(self.dtype).removeprefix("torch."), why)
         self.quant = resolve_quantization(config.quantization, self.info.quant, self.model_path)
-        self._device_memory = device_memory(self.device)  # before the weights take their share
+        # Read only when --gpu-memory-utilization sizes the cache, and before the weights take their share.
+        sized_by_device = config.kv_cache_memory is None and config.gpu_memory_utilization is not None
+        device_total = device_memory(self.device) if sized_by_device else None
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
         self.model = load_model(self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head)
         phases.done("weights")
@@ -109,7 +111,7 @@ class LLMEngine:
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
             phases.done("drafter")
-        self._init_caches()
+        self._init_caches(device_total)
         phases.done("caches")
         log.info("engine start-up: %s", phases)
         capture_layers = self.proposer.capture_layers if self.proposer else ()
@@ -120,7 +122,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.stats = EngineStats()  # counters and latencies for /metrics
 
-    def _init_caches(self) -> None:
+    def _init_caches(self, device_total: tuple[int, str] | None) -> None:
         config = self.config
         layers = self.model.cache_layers()
         if self.proposer is not None:
@@ -130,8 +132,11 @@ class LLMEngine:
         # No more KV than the scheduler can fill: every sequence at max_model_len, plus room for
         # the drafts a step verifies beyond it and a partial last block.
         lookahead = (self.spec_config.num_speculative_tokens + 1 if self.spec_config else 0) + config.block_size
-        weight_modules = [self.model, *(self.proposer.weight_modules() if self.proposer else [])]
-        self.kv_cache_memory = kv_cache_budget(config, self._device_memory, weight_bytes(self.device, weight_modules))
+        weights = 0
+        if device_total is not None:
+            weight_modules = [self.model, *(self.proposer.weight_modules() if self.proposer else [])]
+            weights = weight_bytes(self.device, weight_modules)
+        self.kv_cache_memory = kv_cache_budget(config, device_total, weights)
         capacity = allocate_caches(
             layers, config.max_num_seqs if hybrid else 0, self.kv_cache_memory, config.block_size, kv_format,
             self.device, self.dtype, max_tokens=config.max_num_seqs * (self.max_model_len + lookahead),

@@ -57,9 +57,9 @@ def weight_bytes(device: torch.device, modules: list[nn.Module]) -> int:
     return sum(storages.values())
 
 
-def kv_cache_budget(config: EngineConfig, device_total: tuple[int, str], weights: int) -> int:
-    """Bytes for KV cache and GDN state. device_total: device_memory() before the weights loaded;
-    weights: weight_bytes() after."""
+def kv_cache_budget(config: EngineConfig, device_total: tuple[int, str] | None, weights: int) -> int:
+    """Bytes for KV cache and GDN state. device_total: device_memory() before the weights loaded
+    (None unless --gpu-memory-utilization sizes the cache); weights: weight_bytes() after."""
     fraction = config.gpu_memory_utilization
     if config.kv_cache_memory is not None:
         if fraction is not None:

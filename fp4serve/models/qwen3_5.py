@@ -22,15 +22,12 @@ from fp4serve.layers.moe import GatedMLP, SparseMoeBlock, split_fused_experts
 from fp4serve.layers.norm import RMSNorm
 from fp4serve.layers.rotary import RotaryEmbedding
 from fp4serve.models.base import CausalLM, run_decoder
+from fp4serve.models.llama import FUSED
 from fp4serve.models.weights import LoadPlan
 
 # (our fused Linear, checkpoint module, shard). gate/up also covers the shared expert and every expert.
 STACKED = [
-    ("qkv_proj", "q_proj", 0),
-    ("qkv_proj", "k_proj", 1),
-    ("qkv_proj", "v_proj", 2),
-    ("gate_up_proj", "gate_proj", 0),
-    ("gate_up_proj", "up_proj", 1),
+    *FUSED,  # attention and MLP, as Llama's
     ("in_proj_qkvz", "in_proj_qkv", 0),
     ("in_proj_qkvz", "in_proj_z", 1),
     ("in_proj_ba", "in_proj_b", 0),

@@ -60,10 +60,20 @@ def test_validate_catches_a_field_changed_after_construction():
         params.validate()
 
 
-def test_the_documented_ranges_are_accepted():
-    SamplingParams(temperature=0, top_p=1, top_k=-1, min_p=1, presence_penalty=-2, frequency_penalty=2,
-                   repetition_penalty=0.01, seed=-(2**63), max_tokens=None, min_tokens=3, logprobs=20)  # fmt: skip
-    SamplingParams(temperature=100, repetition_penalty=100, seed=2**64 - 1, stop_token_ids=[0, 2**31 - 1])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 0, "top_p": 1, "top_k": -1, "min_p": 1, "presence_penalty": -2, "frequency_penalty": 2,
+         "repetition_penalty": 0.01, "seed": -(2**63), "max_tokens": None, "min_tokens": 3, "logprobs": 20},
+        {"temperature": 100, "repetition_penalty": 100, "seed": 2**64 - 1, "stop_token_ids": [0, 2**31 - 1]},
+    ],
+)  # fmt: skip
+def test_the_documented_ranges_are_accepted(fields):
+    """The ends of every range are accepted and kept as given (not clamped); top_k -1 is vLLM's
+    spelling of "off", which SamplingParams stores as 0."""
+    params = SamplingParams(**fields)
+    expected = {**fields, "top_k": 0} if fields.get("top_k") == -1 else fields
+    assert {name: getattr(params, name) for name in fields} == expected
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ import fp4serve.server.app as app_module
 from fp4serve import LLM, SamplingParams
 from fp4serve.cli import main
 from fp4serve.config import EngineConfig
-from fp4serve.engine.memory import DEFAULT_KV_CACHE_MEMORY, kv_cache_budget
+from fp4serve.engine import engine as engine_module
+from fp4serve.engine.memory import DEFAULT_KV_CACHE_MEMORY, device_memory, kv_cache_budget
 from fp4serve.errors import ConfigError
 from fp4serve.vllm_compat import vllm_flag_notes
 
@@ -188,14 +189,21 @@ def test_a_recipe_serves_on_a_real_engine(target, served, caplog):
     assert "prefix caching for hybrid (GDN) models is not implemented yet" in caplog.text
 
 
-def test_gpu_memory_utilization_sizes_the_cache_from_available_ram(target, caplog):
+def test_gpu_memory_utilization_sizes_the_cache_from_available_ram(target, caplog, monkeypatch):
     """On CPU: the fraction of available RAM less the weights, then capped at what --max-num-seqs x
     --max-model-len can fill, as with --kv-cache-memory."""
     caplog.set_level(logging.INFO)
+    read = []  # what the engine read of the device's memory
+
+    def recorded_device_memory(device):
+        read.append(device_memory(device))
+        return read[-1]
+
+    monkeypatch.setattr(engine_module, "device_memory", recorded_device_memory)
     llm = LLM(str(target), dtype="float32", max_model_len=256, max_num_seqs=2, gpu_memory_utilization=0.5)
     engine = llm.engine
     assert "--gpu-memory-utilization 0.5:" in caplog.text and "x available RAM" in caplog.text
-    ram, _ = engine._device_memory
+    [(ram, _)] = read
     assert 0 < engine.kv_cache_memory < 0.5 * ram  # less the weights
     assert engine.capacity.num_tokens <= 2 * (256 + 16 + 16)  # the cap, not the budget, sizes it
     [output] = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))
