@@ -152,7 +152,8 @@ def test_tool_round_trip_with_null_content(live, say, client):
     """An agent's round trip as the openai SDK writes it: the assistant turn that called a tool has
     content None, then the tool's result follows."""
     say("It is 21 degrees in Paris.")
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}
+    function = {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}
+    call = {"id": "call_1", "type": "function", "function": function}
     messages = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call]},
                            {"role": "tool", "tool_call_id": "call_1", "content": "21C"}]  # fmt: skip
     answer = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER_TOOL],
