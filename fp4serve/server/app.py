@@ -292,7 +292,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_json(APIError(400, "; ".join(dict.fromkeys(problems)) or "invalid request", param=param))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_json(APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
+        # The router's own 404 and 405 (a path or method not served) name the request, in OpenAI's words.
+        asked = f"({request.method} {request.url.path})"
+        if exc.status_code == 404:
+            message = f"Invalid URL {asked}"
+        elif exc.status_code == 405:
+            message = f"Invalid method for URL {asked}: it accepts {(exc.headers or {}).get('Allow', 'another method')}"
+        else:
+            message = str(exc.detail)
+        return error_json(APIError(exc.status_code, message), headers=exc.headers)
 
     async def our_error(request: Request, exc: Exception) -> JSONResponse:
         return error_json(exc)
