@@ -11,11 +11,13 @@ import json
 import httpx
 import openai
 import pytest
-from test_tools_reasoning import WEATHER_TOOL, client, live, say  # noqa: F401 (fixtures)
+import test_tools_reasoning as scripted
 
 from fp4serve.server.responses_protocol import MessageItem, OutputMessage, OutputText, ResponseObject
 from fp4serve.server.responses_store import ResponseStore, StoredResponse
 
+# The scripted server and its fixtures, from test_tools_reasoning (this module gets its own server).
+live, say, client, WEATHER_TOOL = scripted.live, scripted.say, scripted.client, scripted.WEATHER_TOOL
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 FLAT_TOOL = {"type": "function", "name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
              "parameters": WEATHER_TOOL["function"]["parameters"]}  # fmt: skip
@@ -49,7 +51,7 @@ def test_text_answer(live, say, client):
 def test_reasoning_item(say, client):
     say("The user asks about weather.\n</think>\n\nSunny.")
     response = client.responses.create(model="scripted", input="Weather in Paris?")
-    reasoning, message = response.output
+    reasoning, _ = response.output
     assert reasoning.type == "reasoning" and reasoning.id.startswith("rs_")
     assert [c.text for c in reasoning.content] == ["The user asks about weather.\n"]
     assert response.output_text == "\n\nSunny."
@@ -189,7 +191,9 @@ def test_previous_response_id_chain(live, say, client):
 def test_store_is_a_bounded_lru():
     def entry(text: str, previous=None) -> StoredResponse:
         output = [OutputMessage(status="completed", content=[OutputText(text=text)])]
-        return StoredResponse(ResponseObject(model="m", output=output), [MessageItem(role="user", content="q")], previous)
+        return StoredResponse(
+            ResponseObject(model="m", output=output), [MessageItem(role="user", content="q")], previous
+        )
 
     store = ResponseStore(max_entries=2)
     a = entry("a")
