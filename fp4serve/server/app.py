@@ -57,6 +57,9 @@ from fp4serve.server.protocol import (
     ModelList,
     error_json,
 )
+from fp4serve.server.responses import create_response, stored_response
+from fp4serve.server.responses_protocol import ResponseDeleted, ResponseObject, ResponsesRequest
+from fp4serve.server.responses_store import ResponseStore
 from fp4serve.server.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -100,6 +103,7 @@ def build_app(
     auth = _errors(401) if api_key else {}
     _add_status_routes(app, async_engine, served_model_names, auth)
     _add_generation_routes(app, async_engine, served_model_names, options, auth, work)
+    _add_responses_routes(app, async_engine, served_model_names, options, auth, work)
     _add_tokenizer_routes(app, async_engine, served_model_names, auth, work, options)
     return app
 
@@ -156,6 +160,37 @@ def _add_generation_routes(
         model = _resolve_model(served_model_names, body.model)
         _check_queue(async_engine, options)
         return await _respond(request, create_chat_completion(async_engine, body, model, options, work, grammars))
+
+
+def _add_responses_routes(
+    app: FastAPI,
+    async_engine: AsyncEngine,
+    served_model_names: list[str],
+    options: ServerOptions,
+    auth: dict,
+    work: PromptWork,
+) -> None:
+    """/v1/responses (OpenAI's Responses API) and its stored responses (docs/serving.md)."""
+    engine = async_engine.engine
+    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
+    store = ResponseStore(options.responses_store_size)
+    errors = _errors(400) | auth | _errors(404, 413, 503, 500)
+
+    @app.post("/v1/responses", responses=_answer(ResponseObject) | errors)
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        model = _resolve_model(served_model_names, body.model)
+        _check_queue(async_engine, options)
+        return await _respond(request, create_response(async_engine, body, model, options, work, grammars, store))
+
+    @app.get("/v1/responses/{response_id}", responses=auth | _errors(404, 500))
+    async def get_response(response_id: str) -> ResponseObject:
+        return stored_response(store, response_id)
+
+    @app.delete("/v1/responses/{response_id}", responses=auth | _errors(404, 500))
+    async def delete_response(response_id: str) -> ResponseDeleted:
+        stored_response(store, response_id)  # 404 for an unknown id
+        store.delete(response_id)
+        return ResponseDeleted(id=response_id)
 
 
 def _add_tokenizer_routes(
@@ -255,7 +290,7 @@ async def _disconnected(request: Request) -> None:
 ERROR_MEANINGS = {
     400: "Invalid request: a field of the wrong type or out of range (`param` names it)",
     401: "Incorrect or missing API key",
-    404: "No such model",
+    404: "No such model (or stored response)",
     413: "Request body larger than --max-request-body-size",
     503: "The server is busy (--max-queue; see Retry-After); /health: the engine is not running",
     500: "Internal error; the message carries an id to find it in the server log",
@@ -305,7 +340,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_json(APIError(400, "; ".join(dict.fromkeys(problems)) or "invalid request", param=param))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_json(APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
+        # The router's own 404 and 405 (a path or method not served) name the request, in OpenAI's words.
+        asked = f"({request.method} {request.url.path})"
+        if exc.status_code == 404:
+            message = f"Invalid URL {asked}"
+        elif exc.status_code == 405:
+            message = f"Invalid method for URL {asked}: it accepts {(exc.headers or {}).get('Allow', 'another method')}"
+        else:
+            message = str(exc.detail)
+        return error_json(APIError(exc.status_code, message), headers=exc.headers)
 
     async def our_error(request: Request, exc: Exception) -> JSONResponse:
         return error_json(exc)

@@ -212,8 +212,14 @@ def _template_message(message: dict, where: str) -> dict:
     """OpenAI allows content as a list of parts; templates expect a string. Only text parts exist
     here. Tool-call arguments arrive as JSON strings; templates iterate them as mappings. `where`
     is the message's place in the request ("messages[2]"), for the error's param. The protocol
-    models have checked the shapes: content parts have a string type, tool calls a function."""
+    models have checked the shapes: content parts have a string type, tool calls a function.
+    An assistant turn that only called tools has null content (the openai SDK sends it so);
+    templates concatenate content as a string, so it becomes "" (as in vLLM)."""
     content = message.get("content")
+    if message["role"] == "assistant" and content is None:
+        if not message.get("tool_calls"):
+            raise APIError(400, "an assistant message needs content or tool_calls", param=f"{where}.content")
+        message["content"] = ""
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):

@@ -10,6 +10,7 @@ from fp4serve.server.reasoning import REASONING_PARSERS
 from fp4serve.server.tools import TOOL_PARSERS
 
 DEFAULT_MAX_REQUEST_BODY_SIZE = 16 * 2**20
+DEFAULT_RESPONSES_STORE_SIZE = 1024
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ServerOptions:
     max_queue: int | None = None  # --max-queue: waiting requests beyond which new ones get 503
     max_request_body_size: int | str = DEFAULT_MAX_REQUEST_BODY_SIZE  # --max-request-body-size, bytes
     enable_tokenizer_info_endpoint: bool = False  # --enable-tokenizer-info-endpoint: GET /tokenizer_info
+    responses_store_size: int = DEFAULT_RESPONSES_STORE_SIZE  # /v1/responses kept for previous_response_id
 
     def __post_init__(self):
         self.max_request_body_size = parse_bytes(self.max_request_body_size)
@@ -31,5 +33,7 @@ class ServerOptions:
             raise ConfigError("--enable-auto-tool-choice requires --tool-call-parser")
         if self.max_queue is not None and self.max_queue < 1:
             raise ConfigError("--max-queue must be >= 1")
+        if self.responses_store_size < 0:
+            raise ConfigError("responses_store_size must be >= 0")
         if self.max_request_body_size < 1:
             raise ConfigError("--max-request-body-size must be at least 1 byte")

@@ -114,6 +114,12 @@ WELL_FORMED = {
     "/v1/chat/completions": {"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "tool_choice": "none",
                              "logprobs": True, "top_logprobs": 1, "max_completion_tokens": 2} | SAMPLING,
     "/v1/completions": {"model": "tiny", "prompt": "w1 w2", "logprobs": 1} | SAMPLING,
+    "/v1/responses": {"model": "tiny", "instructions": "w2", "max_output_tokens": 2, "temperature": 0.7, "top_p": 0.9,
+                      "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                      "tool_choice": "none", "stream": False, "store": False,
+                      "input": [{"role": "user", "content": [{"type": "input_text", "text": "w5"}]},
+                                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"q": 1}'},
+                                {"type": "function_call_output", "call_id": "c1", "output": "w9"}]},
     "/tokenize": {"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "add_generation_prompt": True},
     "/detokenize": {"model": "tiny", "tokens": [1, 2, 3]},
 }  # fmt: skip

@@ -619,3 +619,20 @@ def test_the_length_bound_admits_every_prompt_that_fits(server):
     with pytest.raises(APIError):
         work.check_length(MAX_MODEL_LEN * len(longest) * NORMALIZER_SLACK + 1, "prompt")
     work.shutdown()
+
+
+# ---- routes fp4serve does not serve ---------------------------------------------------------
+def test_unknown_routes_answer_openai_errors(server, client):
+    with pytest.raises(openai.NotFoundError) as error:
+        client.embeddings.create(model="tiny", input="w1 w2")
+    assert error.value.body == {"message": "Invalid URL (POST /v1/embeddings)", "type": "invalid_request_error",
+                                "param": None, "code": None}  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for method, path in [("POST", "/v1/audio/transcriptions"), ("GET", "/v1/chat/completion"), ("DELETE", "/nope")]:
+        response = httpx.request(method, f"{server.base}{path}", headers=headers)
+        assert response.status_code == 404
+        assert response.json()["error"]["message"] == f"Invalid URL ({method} {path})"
+    response = httpx.get(f"{server.url}/chat/completions", headers=headers)
+    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+    assert response.json()["error"] == {"message": "Invalid method for URL (GET /v1/chat/completions): it accepts POST",
+                                        "type": "invalid_request_error", "param": None, "code": None}  # fmt: skip

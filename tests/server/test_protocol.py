@@ -309,7 +309,7 @@ def test_open_routes(app):
     assert call(app, "GET", "/health", headers={}).status_code == 200
     version = call(app, "GET", "/version", headers={})
     assert version.status_code == 200 and version.json()["version"]
-    assert_error(call(app, "GET", "/v2/nothing"), 404, "Not Found")
+    assert_error(call(app, "GET", "/v2/nothing"), 404, "Invalid URL (GET /v2/nothing)")
 
 
 # ---- tokenize / detokenize ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 from scripted_model import script_replies, scripted_server
@@ -14,10 +15,14 @@ from fp4serve.engine.grammar import xgrammar_available
 from fp4serve.server.options import ServerOptions
 
 # A Qwen3.5-style template: it opens the think block for the model unless enable_thinking is false,
-# and lists the tools in the system turn.
+# and lists the tools in the system turn. Like SmolLM2's, it concatenates content as a string, and
+# like Qwen3.5's it iterates tool-call arguments as a mapping.
 TEMPLATE = (
     "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='function.name') | join(', ') }}<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] + '\n' + m['content'] }}"
+    "{% for c in m['tool_calls'] or [] %}<tool_call>{{ c.function.name }}"
+    "{% for key, value in c.function.arguments | items %} {{ key }}={{ value }}{% endfor %}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
     "{% endif %}"
@@ -114,6 +119,29 @@ def test_hermes_tool_call(say, client):
     answer = client.chat.completions.create(model="scripted", messages=follow_up, tools=[WEATHER_TOOL],
                                             extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
     assert answer.choices[0].message.content == "It is 21 degrees in Paris."
+
+
+def test_tool_round_trip_with_null_content(live, say, client):
+    """An agent's round trip as the openai SDK writes it: the assistant turn that called a tool has
+    content None, then the tool's result follows."""
+    say("It is 21 degrees in Paris.")
+    function = {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}
+    call = {"id": "call_1", "type": "function", "function": function}
+    messages = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "call_1", "content": "21C"}]  # fmt: skip
+    answer = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER_TOOL],
+                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
+    assert answer.choices[0].message.content == "It is 21 degrees in Paris."
+    # The template saw content "" and the arguments as a mapping.
+    tokens = httpx.post(f"{live.base}/tokenize", json={"messages": messages}).json()["tokens"]
+    rendered = live.engine.tokenizer.decode(tokens)
+    assert "<|im_start|>assistant\n<tool_call>get_weather city=Paris days=2</tool_call><|im_end|>" in rendered
+
+    for empty in ({"role": "assistant"}, {"role": "assistant", "content": None, "tool_calls": []}):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="scripted", messages=MESSAGES + [empty])
+        assert error.value.body["message"] == "an assistant message needs content or tool_calls"
+        assert error.value.body["param"] == "messages[1].content"
 
 
 def test_malformed_tool_call_is_plain_content(say, client):
