@@ -44,6 +44,7 @@ def cmd_serve(args) -> None:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         max_queue=args.max_queue,
         max_request_body_size=args.max_request_body_size,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
     )
     api_key = args.api_key or os.environ.get("FP4SERVE_API_KEY") or None
     run_server(
@@ -96,6 +97,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--max-request-body-size",
         default=str(DEFAULT_MAX_REQUEST_BODY_SIZE),
         help="largest request body, e.g. 16MiB; larger ones get 413",
+    )
+    p.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (the tokenizer's settings and chat template; off by default, as in vLLM)",
     )
     # vLLM flags whose request fp4serve always fulfils: accepted, and listed in docs/serving.md.
     p.add_argument("--enforce-eager", action="store_true", help="accepted: fp4serve always runs eagerly (no graphs)")

@@ -65,8 +65,10 @@ from fp4serve.server.tokenize import (
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     detokenize,
     tokenize,
+    tokenizer_info,
 )
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ def build_app(
     _add_status_routes(app, async_engine, served_model_names, auth)
     _add_generation_routes(app, async_engine, served_model_names, options, auth, work)
     _add_responses_routes(app, async_engine, served_model_names, options, auth, work)
-    _add_tokenizer_routes(app, async_engine, served_model_names, auth, work)
+    _add_tokenizer_routes(app, async_engine, served_model_names, auth, work, options)
     return app
 
 
@@ -192,9 +194,14 @@ def _add_responses_routes(
 
 
 def _add_tokenizer_routes(
-    app: FastAPI, async_engine: AsyncEngine, served_model_names: list[str], auth: dict, work: PromptWork
+    app: FastAPI,
+    async_engine: AsyncEngine,
+    served_model_names: list[str],
+    auth: dict,
+    work: PromptWork,
+    options: ServerOptions,
 ) -> None:
-    """/tokenize and /detokenize."""
+    """/tokenize, /detokenize, and /tokenizer_info when enabled."""
     responses = _errors(400) | auth | _errors(404, 413, 500)
 
     @app.post("/tokenize", responses=responses)
@@ -206,6 +213,12 @@ def _add_tokenizer_routes(
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         _resolve_model(served_model_names, body.model)
         return detokenize(async_engine, body)
+
+    if options.enable_tokenizer_info_endpoint:
+
+        @app.get("/tokenizer_info", responses=auth | _errors(404, 500))
+        async def tokenizer_info_route() -> TokenizerInfoResponse:
+            return tokenizer_info(async_engine.tokenizer)
 
 
 def _resolve_model(served_model_names: list[str], requested: str | None) -> str:

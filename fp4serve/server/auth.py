@@ -10,7 +10,7 @@ from starlette.datastructures import Headers
 from fp4serve.server.protocol import APIError, error_json
 
 # Everything that serves or reveals model output needs the key; /health, /version and the API docs stay open.
-PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/metrics")
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info", "/metrics")
 
 
 class BearerAuth:

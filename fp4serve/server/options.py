@@ -20,6 +20,7 @@ class ServerOptions:
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: parse tool calls for tool_choice "auto"
     max_queue: int | None = None  # --max-queue: waiting requests beyond which new ones get 503
     max_request_body_size: int | str = DEFAULT_MAX_REQUEST_BODY_SIZE  # --max-request-body-size, bytes
+    enable_tokenizer_info_endpoint: bool = False  # --enable-tokenizer-info-endpoint: GET /tokenizer_info
     responses_store_size: int = DEFAULT_RESPONSES_STORE_SIZE  # /v1/responses kept for previous_response_id
 
     def __post_init__(self):

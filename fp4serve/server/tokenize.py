@@ -1,11 +1,12 @@
-"""POST /tokenize and POST /detokenize (vLLM's shapes): what the server would feed the model for a
-prompt or a conversation, and the text of token ids."""
+"""POST /tokenize, POST /detokenize and GET /tokenizer_info (vLLM's shapes): what the server would
+feed the model for a prompt or a conversation, the text of token ids, and the tokenizer's settings
+(which lm-evaluation-harness's remote tokenizer reads, so a client needs no copy of the model)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from fp4serve.engine.async_engine import AsyncEngine
 from fp4serve.server.chat import apply_chat_template
@@ -19,6 +20,7 @@ from fp4serve.server.protocol import (
     TokenId,
     ToolDefinition,
 )
+from fp4serve.tokenizer import NoTokenizer
 
 
 class TokenizeRequest(RequestModel):
@@ -69,6 +71,34 @@ async def tokenize(engine: AsyncEngine, request: TokenizeRequest, work: PromptWo
         tokens = await work.run(lambda: tokenizer(request.prompt, add_special_tokens=special).input_ids)
     strs = tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=strs)
+
+
+class TokenizerInfoResponse(OpenAIModel):
+    """tokenizer_class plus the tokenizer's own settings (tokenizer_config.json as loaded, special
+    tokens as their text) and the chat template the server applies, as vLLM returns them."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+
+
+def tokenizer_info(tokenizer) -> TokenizerInfoResponse:
+    if isinstance(tokenizer, NoTokenizer):
+        raise APIError(404, f"this server has no tokenizer ({tokenizer.why})", code="no_tokenizer")
+    settings = {name: _json_value(value) for name, value in tokenizer.init_kwargs.items()}
+    # The template the server renders, which --chat-template may have replaced.
+    settings["chat_template"] = tokenizer.chat_template
+    return TokenizerInfoResponse(**settings, tokenizer_class=type(tokenizer).__name__)
+
+
+def _json_value(value):
+    """init_kwargs hold AddedToken objects (special tokens) and nested dicts of them."""
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return getattr(value, "content", None) or str(value)  # AddedToken -> its text
 
 
 def detokenize(engine: AsyncEngine, request: DetokenizeRequest) -> DetokenizeResponse:

@@ -1,6 +1,7 @@
 """Model directories without a tokenizer (test and converted checkpoints), and
 --skip-tokenizer-init: token-id prompts work in the library and over HTTP (official openai client),
 text prompts get a clear error, --tokenizer DIR brings text back."""
+
 from __future__ import annotations
 
 import shutil
@@ -38,12 +39,16 @@ def checkpoints(tmp_path_factory):
 
 def test_a_directory_without_tokenizer_serves_token_ids(checkpoints):
     with_tokenizer, bare = checkpoints
-    reference = LLM(str(with_tokenizer), dtype="float32", kv_cache_memory="4MiB").generate({"prompt_token_ids": PROMPT_IDS}, GREEDY)
+    reference = LLM(str(with_tokenizer), dtype="float32", kv_cache_memory="4MiB").generate(
+        {"prompt_token_ids": PROMPT_IDS}, GREEDY
+    )
     llm = LLM(str(bare), dtype="float32", kv_cache_memory="4MiB")
     out = llm.generate({"prompt_token_ids": PROMPT_IDS}, GREEDY)[0].outputs[0]
     assert out.token_ids == reference[0].outputs[0].token_ids and len(out.token_ids) == 6
     assert out.text == ""
-    with pytest.raises(InvalidRequestError, match="a text prompt needs a tokenizer.*has no tokenizer files.*--tokenizer DIR"):
+    with pytest.raises(
+        InvalidRequestError, match="a text prompt needs a tokenizer.*has no tokenizer files.*--tokenizer DIR"
+    ):
         llm.generate("w1 w2", GREEDY)
     with pytest.raises(InvalidRequestError, match="chat conversation needs a tokenizer"):
         llm.chat([{"role": "user", "content": "hi"}], GREEDY)
@@ -63,7 +68,9 @@ def test_tokenizer_flag_brings_text_back_and_skip_init_drops_it(checkpoints):
     with pytest.raises(InvalidRequestError, match=r"--skip-tokenizer-init"):
         skipped.generate("w1", GREEDY)
     with pytest.raises(ConfigError, match="cannot load a tokenizer"):
-        LLM(str(with_tokenizer), tokenizer=str(bare), dtype="float32", kv_cache_memory="4MiB")  # an explicit dir must have one
+        LLM(
+            str(with_tokenizer), tokenizer=str(bare), dtype="float32", kv_cache_memory="4MiB"
+        )  # an explicit dir must have one
 
 
 def test_http_token_id_prompts_and_clear_errors(checkpoints):

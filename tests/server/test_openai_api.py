@@ -480,7 +480,9 @@ def test_metrics_count_what_was_served(server, client):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=n, extra_body={"ignore_eos": True})
         for n in (1, 5, 9)
     ]
-    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(stream))
     stream.close()  # an aborted request
     server.wait_idle()
@@ -500,9 +502,10 @@ def test_metrics_count_what_was_served(server, client):
     # one inter-token interval per token after the first
     assert delta("vllm:inter_token_latency_seconds_count") == delta("vllm:generation_tokens_total") - 4
     assert delta("vllm:e2e_request_latency_seconds_sum") > 0
-    assert after[("vllm:e2e_request_latency_seconds_bucket", (("le", "+Inf"),))] == after[
-        ("vllm:e2e_request_latency_seconds_count", ())
-    ]
+    assert (
+        after[("vllm:e2e_request_latency_seconds_bucket", (("le", "+Inf"),))]
+        == after[("vllm:e2e_request_latency_seconds_count", ())]
+    )
     assert after[("vllm:num_requests_running", ())] == after[("vllm:num_requests_waiting", ())] == 0
     assert after[("vllm:kv_cache_usage_perc", ())] == 0
     assert not any(name.startswith("vllm:spec_decode") for name, _ in after)  # no drafting, no counters
@@ -531,7 +534,9 @@ def test_spec_decoding_metrics(server, monkeypatch):
     assert samples[("vllm:spec_decode_num_drafts_total", ())] == 3
     assert samples[("vllm:spec_decode_num_draft_tokens_total", ())] == 8
     assert samples[("vllm:spec_decode_num_accepted_tokens_total", ())] == 5
-    per_position = [samples[("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(i)),))] for i in range(3)]
+    per_position = [
+        samples[("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(i)),))] for i in range(3)
+    ]
     assert per_position == [2, 2, 1]
 
 

@@ -68,7 +68,9 @@ def assert_error(response: httpx.Response, status: int, words: str, param: str |
 
 
 def chat(app, **fields) -> httpx.Response:
-    return call(app, "POST", "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2} | fields)
+    return call(
+        app, "POST", "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2} | fields
+    )
 
 
 # ---- bad requests -------------------------------------------------------------------------------
@@ -137,7 +139,9 @@ def test_bad_chat_request(app, fields, words, param):
 )  # fmt: skip
 def test_malformed_fields_are_400_naming_the_field(app, body, param):
     raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, ' + body + b"}"
-    response = call(app, "POST", "/v1/chat/completions", headers=AUTH | {"Content-Type": "application/json"}, content=raw)
+    response = call(
+        app, "POST", "/v1/chat/completions", headers=AUTH | {"Content-Type": "application/json"}, content=raw
+    )
     assert_error(response, 400, "", param)
 
 
@@ -150,7 +154,9 @@ def test_tokenizer_routes_refuse_malformed_fields(app):
 
 
 def test_completion_prompt_ids_are_strict(app):
-    post = lambda prompt: call(app, "POST", "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+    post = lambda prompt: call(
+        app, "POST", "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2}
+    )
     assert_error(post([1, True]), 400, "", "prompt[1]")
     assert_error(post([1, 300]), 400, "out of the vocabulary", "prompt")
 
@@ -185,11 +191,13 @@ def test_openapi_lists_the_statuses_sent(app):
     assert "422" not in json.dumps(schema["paths"]) and "HTTPValidationError" not in json.dumps(schema)
     chat_op = schema["paths"]["/v1/chat/completions"]["post"]
     assert set(chat_op["responses"]) == {"200", "400", "401", "404", "413", "500", "503"}
-    assert chat_op["responses"]["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert chat_op["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"
+    }
     assert set(schema["paths"]["/detokenize"]["post"]["responses"]) == {"200", "400", "401", "404", "413", "500"}
     request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert request["messages"]["minItems"] == 1
-    assert {"minimum": 0, "maximum": 100} .items() <= request["temperature"]["anyOf"][0].items()
+    assert {"minimum": 0, "maximum": 100}.items() <= request["temperature"]["anyOf"][0].items()
     assert schema["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"]["minimum"] == 0
 
 
@@ -320,6 +328,30 @@ def test_tokenize_and_detokenize(app, async_engine):
     assert_error(call(app, "POST", "/tokenize", json={"prompt": "w1", "model": "x"}), 404, "does not exist")
 
 
+def test_tokenizer_info_is_served_only_when_enabled(app, async_engine):
+    """GET /tokenizer_info is what lm-eval's remote tokenizer reads: special tokens as text, and the
+    chat template that, rendered by the client, gives what /tokenize gives for a conversation."""
+    assert call(app, "GET", "/tokenizer_info").status_code == 404  # off by default, as in vLLM
+    enabled = build_app(async_engine, ["tiny"], KEY, ServerOptions(enable_tokenizer_info_endpoint=True))
+    assert call(enabled, "GET", "/tokenizer_info", headers={}).status_code == 401
+    info = call(enabled, "GET", "/tokenizer_info").json()
+    tokenizer = async_engine.tokenizer
+    assert info["tokenizer_class"] == type(tokenizer).__name__
+    assert info["eos_token"] == tokenizer.eos_token
+    assert info["chat_template"] == tokenizer.chat_template
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    rendered = (
+        ImmutableSandboxedEnvironment()
+        .from_string(info["chat_template"])
+        .render(
+            messages=MESSAGES, add_generation_prompt=True, **{k: v for k, v in info.items() if k.endswith("_token")}
+        )
+    )
+    chat_tokens = call(enabled, "POST", "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert tokenizer(rendered, add_special_tokens=False).input_ids == chat_tokens
+
+
 def test_chat_with_tools_renders_them_into_the_prompt(app):
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
     messages = MESSAGES + [
@@ -347,7 +379,11 @@ def test_stream_is_openai_sse(app):
 
 # ---- no input makes a 500 -----------------------------------------------------------------------
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=8,
 )

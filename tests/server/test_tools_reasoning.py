@@ -1,25 +1,17 @@
 """Reasoning and tool-call parsing end to end: a real uvicorn server, the official openai client,
 SmolLM2's real tokenizer (which splits <think> and <tool_call> into several tokens), and a tiny
-model whose sampler is scripted, so the output text is known exactly while every other part (engine,
-scheduler, detokenizer, parsers, SSE) runs for real."""
+model whose replies are scripted (scripted_model.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import openai
 import pytest
-from conftest import make_checkpoint
-from live_server import Server
-from transformers import AutoTokenizer, LlamaConfig
+from scripted_model import script_replies, scripted_server
 
-import fp4serve.engine.engine as engine_module
-from fp4serve.config import EngineConfig
-from fp4serve.engine.engine import LLMEngine
 from fp4serve.engine.grammar import xgrammar_available
-from fp4serve.sample.sampler import SamplerOutput
 from fp4serve.server.options import ServerOptions
 
 # A Qwen3.5-style template: it opens the think block for the model unless enable_thinking is false,
@@ -48,18 +40,8 @@ MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def live(smollm2_path, tmp_path_factory):
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
-    path = tmp_path_factory.mktemp("scripted")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)  # fmt: skip
-    make_checkpoint(path, config)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_path / name, path / name)
-    (path / "chat_template.jinja").write_text(TEMPLATE)
-    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_model_len=512, kv_cache_memory="4MiB"))
     options = ServerOptions(reasoning_parser="qwen3", tool_call_parser="hermes", enable_auto_tool_choice=True)
-    server = Server(engine, ["scripted"], None, options)
+    server = scripted_server(smollm2_path, tmp_path_factory.mktemp("scripted"), TEMPLATE, options)
     yield server
     server.stop()
 
@@ -67,21 +49,7 @@ def live(smollm2_path, tmp_path_factory):
 @pytest.fixture
 def say(live, monkeypatch):
     """say(text): every request's output is exactly `text`, then EOS."""
-    tokenizer = live.engine.tokenizer
-    script: list[int] = []
-
-    def scripted_sample(logits, rows):
-        tokens = [script[len(row.output_token_ids)] if len(row.output_token_ids) < len(script) else
-                  tokenizer.eos_token_id for row in rows]  # fmt: skip
-        return SamplerOutput(token_ids=tokens, logprobs=[None] * len(rows))
-
-    monkeypatch.setattr(engine_module, "sample", scripted_sample)
-
-    def set_text(text: str) -> None:
-        script[:] = tokenizer(text, add_special_tokens=False).input_ids
-        assert tokenizer.decode(script) == text
-
-    yield set_text
+    yield script_replies(monkeypatch, live.engine.tokenizer)
     live.wait_idle()
 
 
@@ -119,7 +87,9 @@ def test_reasoning_opened_by_the_template(say, client):
 
 def test_no_reasoning_when_thinking_is_off(say, client):
     say("It is sunny.")
-    whole, streamed = both_ways(client, messages=MESSAGES, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    whole, streamed = both_ways(
+        client, messages=MESSAGES, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
     assert whole.message.content == "It is sunny." and whole.message.model_extra["reasoning_content"] is None
     assert streamed == (None, "It is sunny.", [], "stop")
 
@@ -142,7 +112,10 @@ def test_hermes_tool_call(say, client):
 
     # The reply goes back into the conversation as the client sends it: arguments as a JSON string.
     say("It is 21 degrees in Paris.")
-    follow_up = MESSAGES + [message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": tool_call.id, "content": "21C"}]
+    follow_up = MESSAGES + [
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": tool_call.id, "content": "21C"},
+    ]
     answer = client.chat.completions.create(model="scripted", messages=follow_up, tools=[WEATHER_TOOL],
                                             extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
     assert answer.choices[0].message.content == "It is 21 degrees in Paris."
