@@ -121,7 +121,7 @@ UNSUPPORTED_VLLM_FLAGS = {
     ("--structured-outputs-config", "--guided-decoding-backend"): "constrained decoding is not supported",
     ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "only the text path of models is served",
     ("--load-format",): "fp4serve loads safetensors directories",
-    ("--download-dir", "--revision"): "fp4serve loads local directories and downloads nothing",
+    ("--download-dir",): "fp4serve downloads nothing: it reads local directories and the Hugging Face cache",
     ("--tokenizer-mode",): "transformers' tokenizer is always used",
     ("--rope-scaling", "--hf-overrides"): "edit the model's config.json instead",
     ("--compilation-config", "-O"): "fp4serve does not compile the model",
