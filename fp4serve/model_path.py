@@ -37,13 +37,14 @@ def is_hub_id(name: str) -> bool:
     )
 
 
-def resolve_model_dir(name: str, revision: str | None = None, what: str = "model") -> Path:
+def resolve_model_dir(name: str | Path, revision: str | None = None, what: str = "model") -> Path:
     """The directory of `name`: the local directory of that spelling when there is one, else the
     cached snapshot of hub id `name` at `revision` (a branch, tag or commit; default main).
     `what` names the argument in errors ("model", "--tokenizer", "DFlash drafter")."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    name = str(name)
     if not is_hub_id(name):
         raise ConfigError(f"{what} {name!r} is not a directory (nor a Hugging Face hub id such as org/name)")
     revision = revision or DEFAULT_REVISION

@@ -123,3 +123,5 @@ def test_missing_drafter_and_tokenizer_hub_ids_are_named(checkpoints, hub, caplo
 def test_a_path_that_is_no_hub_id_is_not_a_directory(hub):
     with pytest.raises(ConfigError, match=r"model '/no/such/dir' is not a directory \(nor a Hugging Face hub id"):
         resolve_model_dir("/no/such/dir")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        resolve_model_dir(Path("/no/such/dir"))  # LLM(Path(...)) as before
