@@ -127,7 +127,7 @@ UNSUPPORTED_VLLM_FLAGS = {
     ("--structured-outputs-config", "--guided-decoding-backend"): "constrained decoding is not supported",
     ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "only the text path of models is served",
     ("--load-format",): "fp4serve loads safetensors directories",
-    ("--download-dir", "--revision"): "fp4serve loads local directories and downloads nothing",
+    ("--download-dir",): "fp4serve downloads nothing: it reads local directories and the Hugging Face cache",
     ("--tokenizer-mode",): "transformers' tokenizer is always used",
     ("--rope-scaling", "--hf-overrides"): "edit the model's config.json instead",
     ("--compilation-config", "-O"): "fp4serve does not compile the model",
@@ -187,38 +187,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    """Interactive terminal chat; tokens stream as they are generated."""
+    """Interactive terminal chat (fp4serve/chat_cli.py)."""
+    from fp4serve.chat_cli import TerminalChat
     from fp4serve.llm import LLM
 
     llm = LLM.from_config(engine_config(args))
-    engine = llm.engine
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("fp4serve chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if user.strip() == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        if not user.strip():
-            continue
-        history.append({"role": "user", "content": user})
-        request_id = engine.add_request(
-            {"prompt_token_ids": llm.apply_chat_template(history)}, sampling_params(engine, args)
-        )
-        reply = ""
-        done = False
-        while not done:
-            for output in engine.step():
-                if output.request_id == request_id:
-                    print(output.delta_text, end="", flush=True)
-                    reply += output.delta_text
-                    done = output.finished
-        print()
-        history.append({"role": "assistant", "content": reply})
+    TerminalChat(llm, sampling_params(llm.engine, args), args.system).run()
 
 
 def cmd_convert_gguf(args) -> None:

@@ -14,6 +14,7 @@ import torch
 from fp4serve.errors import ConfigError
 from fp4serve.formats.checkpoint import QuantConfig, detect_quantization
 from fp4serve.kernels.cpu_features import CPUFeatures, cpu_features
+from fp4serve.max_model_len import parse_max_model_len
 
 log = logging.getLogger(__name__)
 DTYPES = {
@@ -59,15 +60,24 @@ class EngineConfig:
     positional), with the field's default."""
 
     model: str | None = engine_arg(
-        None, "Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)", positional=True
+        None,
+        "Hugging Face model directory, or a hub id (org/name) already in the local Hugging Face cache "
+        "(default: embedded SmolLM2-135M-Instruct)",
+        positional=True,
     )
-    tokenizer: str | None = engine_arg(None, "tokenizer directory (default: the model's)")
+    revision: str | None = engine_arg(None, "the cached snapshot of a hub id: branch, tag or commit (default: main)")
+    tokenizer: str | None = engine_arg(None, "tokenizer directory or cached hub id (default: the model's)")
+    tokenizer_revision: str | None = engine_arg(None, "the cached snapshot of a --tokenizer hub id (default: main)")
     skip_tokenizer_init: bool = engine_arg(
         False, "load no tokenizer: prompts are token ids, outputs carry token ids and empty text"
     )
     dtype: str = engine_arg("auto", choices=("auto", *DTYPES))
     device: str = engine_arg("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N")
-    max_model_len: int | None = engine_arg(None, "context length (default: the model's)")
+    max_model_len: int | str | None = engine_arg(
+        None,
+        "context length: tokens (32768), vLLM's 32k (x1000) or 32K (x1024), -1 or auto (the model's, lowered to "
+        "what the KV cache holds); default: the model's",
+    )
     max_num_seqs: int = engine_arg(64, "maximum concurrent sequences")
     max_num_batched_tokens: int = engine_arg(2048, "token budget of one step")
     block_size: int = engine_arg(16, "tokens per KV cache block")
@@ -138,7 +148,9 @@ class EngineConfig:
         "accepted and logged: prefix caching of GDN state is not implemented yet (one state per sequence)",
         choices=MAMBA_CACHE_MODES,
     )
-    mamba_block_size: int | None = engine_arg(None, "accepted and logged: GDN state is kept per sequence, not per block")
+    mamba_block_size: int | None = engine_arg(
+        None, "accepted and logged: GDN state is kept per sequence, not per block"
+    )
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -149,6 +161,7 @@ class EngineConfig:
         return cls(**kwargs)
 
     def __post_init__(self):
+        self.max_model_len = parse_max_model_len(self.max_model_len)
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

@@ -21,6 +21,8 @@ from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.formats.kv_codec import resolve_kv_cache_format
 from fp4serve.kernels.cpu_features import cpu_features
 from fp4serve.layers.cache_spec import StateSpec
+from fp4serve.max_model_len import AUTO, check_max_model_len
+from fp4serve.model_path import resolve_model_dir
 from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
@@ -36,15 +38,12 @@ from fp4serve.vllm_compat import vllm_flag_notes
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(model: str | None) -> Path:
+def resolve_model_path(model: str | None, revision: str | None = None) -> Path:
     if model is None:
         from fp4serve.default_model import default_model_path
 
         return default_model_path()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model {model!r} is not a directory (fp4serve loads local Hugging Face directories)")
-    return path
+    return resolve_model_dir(model, revision)
 
 
 def describe_device(device: torch.device) -> str:
@@ -69,8 +68,15 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         for note in vllm_flag_notes(config):
             log.info("%s", note)
-        self.model_path = resolve_model_path(config.model)
+        self.model_path = resolve_model_path(config.model, config.revision)
+        # before the weights load, so a missing tokenizer fails fast
+        tokenizer_path = (
+            resolve_model_dir(config.tokenizer, config.tokenizer_revision, "--tokenizer")
+            if config.tokenizer and not config.skip_tokenizer_init
+            else self.model_path
+        )
         self.info = ModelInfo.load(self.model_path)
+        self.max_model_len = check_max_model_len(config.max_model_len, self.info.text_config)
         self.spec_config: SpeculativeConfig | None = parse_speculative_config(
             config.speculative_config, self.model_path, self.info.text_config
         )
@@ -83,17 +89,20 @@ class LLMEngine:
         sized_by_device = config.kv_cache_memory is None and config.gpu_memory_utilization is not None
         device_total = device_memory(self.device) if sized_by_device else None
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
-        self.model = load_model(self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head)
+        spec = self.spec_config
+        mtp_drafting = spec is not None and spec.method == "mtp" and spec.model == self.model_path
+        self.model = load_model(
+            self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head, mtp_drafting
+        )
         phases.done("weights")
         self.tokenizer = load_tokenizer(
-            config.tokenizer or self.model_path, config.chat_template, config.skip_tokenizer_init, bool(config.tokenizer)
+            tokenizer_path, config.chat_template, config.skip_tokenizer_init, bool(config.tokenizer)
         )
         generation_config = read_generation_config(self.model_path)
         self.default_sampling = sampling_defaults(generation_config) if config.generation_config == "auto" else {}
         self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
         phases.done("tokenizer")
         self.vocab_size = self.info.text_config.vocab_size
-        self.max_model_len = config.max_model_len or self.info.text_config.max_position_embeddings
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ConfigError(
                 f"with chunked prefill disabled, --max-num-batched-tokens ({config.max_num_batched_tokens}) must be "
@@ -146,6 +155,13 @@ class LLMEngine:
         if declared and not kv_format.quantized:
             log.info("the checkpoint declares a %s KV cache; --kv-cache-dtype %s keeps K/V in %s (pass --kv-cache-dtype %s to use it)",
                      declared, config.kv_cache_dtype, kv_format.name, declared.lower())  # fmt: skip
+        if capacity.num_tokens < self.max_model_len and config.max_model_len == AUTO:
+            # vLLM's --max-model-len auto: the longest context the cache holds, when the model's does not fit
+            log.warning(
+                "--max-model-len auto: the KV cache holds %d tokens, fewer than the model's %d; max_model_len is %d",
+                capacity.num_tokens, self.max_model_len, capacity.num_tokens,
+            )  # fmt: skip
+            self.max_model_len = capacity.num_tokens
         if capacity.num_tokens < self.max_model_len:
             raise ConfigError(
                 f"the KV cache holds {capacity.num_tokens} tokens, fewer than max_model_len {self.max_model_len}: "

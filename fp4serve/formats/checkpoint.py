@@ -52,7 +52,7 @@ class QuantConfig:
     has_pre_quant_scale: bool = False  # ModelOpt AWQ
     kv_cache_algo: str | None = None  # "FP8" | "NVFP4" | None, as the checkpoint declares
 
-    def _matches(self, name: str, pattern: str) -> bool:
+    def matches(self, name: str, pattern: str) -> bool:
         if self.method == COMPRESSED_TENSORS:
             if pattern.startswith("re:"):
                 return re.match(pattern[3:], name) is not None
@@ -62,12 +62,12 @@ class QuantConfig:
 
     def ignored_by(self, name: str) -> str | None:
         """The ignore entry that keeps module `name` unquantized, if any."""
-        return next((p for p in self.ignore if self._matches(name, p)), None)
+        return next((p for p in self.ignore if self.matches(name, p)), None)
 
     def targeted(self, name: str) -> bool:
         if self.method != COMPRESSED_TENSORS:
             return True
-        return "Linear" in self.targets or any(self._matches(name, t) for t in self.targets)
+        return "Linear" in self.targets or any(self.matches(name, t) for t in self.targets)
 
     def quantizes(self, name: str) -> bool:
         return self.targeted(name) and self.ignored_by(name) is None

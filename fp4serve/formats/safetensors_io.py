@@ -33,6 +33,15 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def tensor_names(model_dir: str | Path) -> list[str]:
+    """Tensor names of a checkpoint from the safetensors headers alone (no weights read)."""
+    names = []
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            names += list(f.keys())
+    return names
+
+
 def _check_complete(path: Path) -> None:
     """safetensors memory-maps lazily, so a truncated file would only fail (or read garbage) at
     first touch; compare the header's data extent with the file size up front."""

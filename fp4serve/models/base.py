@@ -22,11 +22,14 @@ class CausalLM(nn.Module):
     # checkpoint-name prefixes rewritten before lookup, e.g. ("model.language_model.", "model.")
     checkpoint_renames: list[tuple[str, str]] = []
 
-    def __init__(self, config, dtype: torch.dtype, drop_mtp: bool = True):
+    def __init__(self, config, dtype: torch.dtype, drop_mtp: bool = True, mtp_drafting: bool = False):
         super().__init__()
         self.config = config  # the text config (transformers PretrainedConfig)
         self.dtype = dtype
         self.drop_mtp = drop_mtp
+        # The MTP drafter loads the checkpoint's mtp.* head itself: the target drops it either way,
+        # and its load log says which.
+        self.mtp_drafting = mtp_drafting
 
     def make_lm_head(self) -> None:
         """Tied heads share the embedding matrix, bound at load time; build them on the meta

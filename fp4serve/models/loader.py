@@ -10,7 +10,7 @@ import torch
 
 from fp4serve.config import ModelInfo
 from fp4serve.formats.checkpoint import ON_THE_FLY, QuantConfig
-from fp4serve.formats.safetensors_io import iter_tensors
+from fp4serve.formats.safetensors_io import iter_tensors, tensor_names
 from fp4serve.kernels.cpu_decode import c_decode_enabled
 from fp4serve.layers.linear import Linear, PlainLinearMethod, linear_methods
 from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
@@ -28,9 +28,11 @@ def load_model(
     quant: QuantConfig | None = None,
     nvfp4_compute: str = "w4a16",
     nvfp4_lm_head: bool = False,
+    mtp_drafting: bool = False,
 ):
     """quant: the resolved quantization (the checkpoint's, or on-the-fly nvfp4); None: plain weights.
-    nvfp4_lm_head: quantize a 16-bit lm_head to NVFP4 W4A16 after loading (see quantize_lm_head)."""
+    nvfp4_lm_head: quantize a 16-bit lm_head to NVFP4 W4A16 after loading (see quantize_lm_head).
+    mtp_drafting: the MTP drafter will load this checkpoint's mtp.* head (the target still drops it)."""
     cls = model_class(info.architectures)
     start = time.perf_counter()
     chooser = LinearMethodChooser(quant, cls.stacked_params, cls.checkpoint_renames, nvfp4_compute) if quant else None
@@ -40,11 +42,11 @@ def load_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device), linear_methods(chooser) if chooser else contextlib.nullcontext():
-            model = cls(info.text_config, dtype)
+            model = cls(info.text_config, dtype, mtp_drafting=mtp_drafting)
     finally:
         torch.set_default_dtype(previous)
     if chooser:
-        chooser.report()
+        chooser.report(present_modules(info, model, cls.checkpoint_renames))
     model.load_weights(iter_tensors(info.path))
     model.eval()
     if nvfp4_lm_head:
@@ -74,6 +76,16 @@ def load_model(
         time.perf_counter() - start,
     )
     return model
+
+
+def present_modules(info: ModelInfo, model, renames: list[tuple[str, str]]) -> set[str]:
+    """Module names in the checkpoint's spelling: those of its tensors, and those of the built model
+    (a tied lm_head has no tensor of its own). What quantization ignore entries are checked against."""
+    names = {tensor.rpartition(".")[0] for tensor in tensor_names(info.path)}
+    for name, _ in model.named_modules():
+        names.add(name)
+        names.update(old + name[len(new) :] for old, new in renames if name.startswith(new))
+    return names
 
 
 def quantize_lm_head(model, dtype: torch.dtype) -> None:

@@ -68,7 +68,11 @@ class LinearMethodChooser:
             self.quant.method, self.compute, self.quant.has_input_scales, self.quant.has_pre_quant_scale
         )
 
-    def report(self) -> None:
+    def report(self, present_modules: set[str]) -> None:
+        """present_modules: the module names the checkpoint's tensors and the built model have, in the
+        checkpoint's spelling. An ignore entry that matched no Linear but names one of those is
+        expected (an embedding, a tied lm_head, a GDN conv, a vision tower, an MTP head the drafter
+        loads); one that names nothing at all is reported, since it is likely mis-named."""
         unmatched = [p for p in self.quant.ignore if p not in self.matched_ignores]
         log.info(
             "NVFP4 (%s, %s): %d Linear layers quantized, %d kept in 16 bits%s",
@@ -78,9 +82,15 @@ class LinearMethodChooser:
             len(self.kept),
             f" ({', '.join(self.kept[:6])}{', ...' if len(self.kept) > 6 else ''})" if self.kept else "",
         )
-        if unmatched and self.quant.method != ON_THE_FLY:
-            log.warning(
-                "quantization ignore entries that match no Linear of this model (mis-named, or a module fp4serve "
-                "does not build, such as a vision tower): %s",
-                unmatched,
+        if not unmatched or self.quant.method == ON_THE_FLY:
+            return
+        absent = [p for p in unmatched if not any(self.quant.matches(name, p) for name in present_modules)]
+        elsewhere = [p for p in unmatched if p not in absent]
+        if elsewhere:
+            log.info(
+                "quantization ignore entries for modules that are not quantizable Linears here (embedding, tied "
+                "lm_head, conv, vision tower, MTP head: kept as built or loaded by a drafter): %s",
+                elsewhere,
             )
+        if absent:
+            log.warning("quantization ignore entries that match no module of this checkpoint (mis-named?): %s", absent)

@@ -4,7 +4,7 @@
 or `full_attention` (gated attention below). All norms are zero-centred, y = x/rms(x) * (1 + w),
 except the GDN output norm. The *ForConditionalGeneration checkpoints nest the language model under
 `model.language_model.` next to the vision tower `model.visual.`; only the text path is served, so
-the tower and the MTP head (`mtp.*`, unless a drafter takes it) are dropped by name, and logged.
+the tower and the MTP head (`mtp.*`: the MTP drafter, when on, loads it itself) are dropped by name, and logged.
 """
 
 from __future__ import annotations
@@ -151,7 +151,9 @@ class Qwen3_5ForCausalLM(CausalLM):
             "model.language_model.visual.*": "vision tower (nested under language_model): text-only serving",
         }
         if self.drop_mtp:
-            dropped["mtp.*"] = "MTP head: no speculative decoding"
+            dropped["mtp.*"] = (
+                "MTP head: loaded by the MTP drafter" if self.mtp_drafting else "MTP head: unused, no MTP drafting"
+            )
         return LoadPlan(stacked=self.stacked_params, renames=self.checkpoint_renames, dropped=dropped)
 
 

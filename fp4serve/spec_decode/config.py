@@ -3,19 +3,26 @@
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     {"method": "mtp", "num_speculative_tokens": 3}            # aliases qwen3_5_mtp, qwen3_next_mtp
     {"method": "dflash", "model": "path/to/drafter"}          # k defaults to block_size - 1
+"model" is a directory or a hub id in the local Hugging Face cache ("revision": its snapshot, as vLLM).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from fp4serve.errors import ConfigError, Fp4ServeError
+from fp4serve.formats.safetensors_io import tensor_names
+from fp4serve.model_path import resolve_model_dir
 
 MTP_ALIASES = ("mtp", "qwen3_5_mtp", "qwen3_next_mtp")
 METHODS = ("ngram", *MTP_ALIASES, "dflash")
 # attention_backend: vLLM's drafter kernel choice; fp4serve has one attention path, and the engine
 # logs so (vllm_compat.py).
-_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "attention_backend"}
+_KEYS = {
+    "method", "model", "revision", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+    "attention_backend",
+}  # fmt: skip
 # vLLM's default lookup window when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
 
@@ -65,7 +72,7 @@ def _ngram(raw: dict, k: int | None) -> SpeculativeConfig:
 
 
 def _mtp(raw: dict, k: int | None, target_path: Path, target_config) -> SpeculativeConfig:
-    path = Path(raw["model"]).expanduser() if raw.get("model") else target_path
+    path = _drafter_dir(raw, "MTP head") if raw.get("model") else target_path
     if not getattr(target_config, "mtp_num_hidden_layers", 0):
         raise ConfigError(
             f"--speculative-config: method {raw['method']!r} needs a Qwen3.5/3.6 target with an MTP head "
@@ -83,26 +90,28 @@ def _dflash(raw: dict, k: int | None, target_config) -> SpeculativeConfig:
     from fp4serve.models.dflash import check_drafter, draft_value
 
     if not raw.get("model"):
-        raise ConfigError("--speculative-config: method dflash needs \"model\": the drafter's directory")
-    path = Path(raw["model"]).expanduser()
+        raise ConfigError('--speculative-config: method dflash needs "model": the drafter\'s directory')
+    path = _drafter_dir(raw, "DFlash drafter")
     try:
         drafter = check_drafter(path, target_config)
     except Fp4ServeError as e:
         raise ConfigError(f"--speculative-config: {e}") from e
     block_size = int(draft_value(drafter, "block_size", 16))
     if k is not None and k > block_size - 1:
-        raise ConfigError(f"DFlash drafter {path}: num_speculative_tokens {k} exceeds block_size - 1 = {block_size - 1}")
+        raise ConfigError(
+            f"DFlash drafter {path}: num_speculative_tokens {k} exceeds block_size - 1 = {block_size - 1}"
+        )
     return SpeculativeConfig("dflash", k or block_size - 1, model=path)
 
 
-def tensor_names(model_dir: Path) -> list[str]:
-    """Tensor names of a checkpoint from the safetensors headers alone (no weights read)."""
-    from safetensors import safe_open
-
-    from fp4serve.formats.safetensors_io import weight_files
-
-    names = []
-    for file in weight_files(model_dir):
-        with safe_open(str(file), framework="pt") as f:
-            names += list(f.keys())
-    return names
+def _drafter_dir(raw: dict, what: str) -> Path:
+    """The directory of raw["model"]: a local directory or a cached hub id (model_path.py)."""
+    if not isinstance(raw["model"], str):
+        raise ConfigError(f"--speculative-config: model must be a string (a directory or hub id), got {raw['model']!r}")
+    revision = raw.get("revision")
+    if revision is not None and not isinstance(revision, str):
+        raise ConfigError(f"--speculative-config: revision must be a string, got {revision!r}")
+    try:
+        return resolve_model_dir(raw["model"], revision, what)
+    except ConfigError as e:
+        raise ConfigError(f"--speculative-config: {e}") from e

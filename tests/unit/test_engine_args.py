@@ -21,7 +21,9 @@ from fp4serve.errors import ConfigError
 # Option strings and choices of each engine argument, in --help order (None: any value).
 ENGINE_FLAGS = [
     (["model"], None),
+    (["--revision"], None),
     (["--tokenizer"], None),
+    (["--tokenizer-revision"], None),
     (["--skip-tokenizer-init"], None),
     (["--dtype"], ["auto", "bfloat16", "float16", "half", "float32", "float"]),
     (["--device"], None),

@@ -79,5 +79,10 @@ def test_dflash_checks_the_drafter_fits_the_target(tmp_path):
             parse(_drafter(tmp_path / "bad", **overrides))
     with pytest.raises(ConfigError, match="exceeds block_size - 1 = 7"):
         parse({**_drafter(tmp_path / "ok"), "num_speculative_tokens": 8})
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="has no config.json"):
+        parse({"method": "dflash", "model": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match="DFlash drafter '.*missing' is not a directory"):
         parse({"method": "dflash", "model": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="model must be a string"):
+        parse({"method": "dflash", "model": 7})

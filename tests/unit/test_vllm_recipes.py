@@ -105,7 +105,7 @@ NOTED_FLAGS = ("--attention-backend", "--linear-backend", "--moe-backend", "--mm
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     path = tmp_path_factory.mktemp("recipes") / "target"
-    make_mtp_target(path)
+    make_mtp_target(path, max_position_embeddings=262144)  # Qwen3.5's own, so the recipes' lengths fit
     return path
 
 
