@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import toolkit_checkpoints
 import torch
-from toolkit_checkpoints import copy_of, edit_json, raw, tensors  # noqa: F401 (copy_of is a fixture)
+from toolkit_checkpoints import edit_json, raw, tensors
 
 from fp4serve.cli import main
 from fp4serve.errors import CheckpointError
@@ -14,6 +15,8 @@ from fp4serve.models.mtp import Qwen3_5MTP
 from fp4serve.quantize.quality import load_for_eval
 from fp4serve.toolkit.doctor import run_doctor
 from fp4serve.toolkit.graft_mtp import graft_mtp
+
+copy_of = toolkit_checkpoints.copy_of  # the fixture
 
 
 def errors(path, **kwargs):

@@ -32,7 +32,9 @@ def make_vl(path: Path, seed: int = 0) -> None:
     """Qwen3_5ForConditionalGeneration (dense text + 1-block vision tower), saved by transformers."""
     torch.manual_seed(seed)
     text = {k: v for k, v in TEXT.items() if k != "mtp_num_hidden_layers"}
-    hf = transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(text_config=text, vision_config=VISION))
+    hf = transformers.Qwen3_5ForConditionalGeneration(
+        transformers.Qwen3_5Config(text_config=text, vision_config=VISION)
+    )
     hf.eval().save_pretrained(path)
     save_word_tokenizer(path, VOCAB)
 

@@ -43,14 +43,12 @@ LAYOUT = {
 }  # fmt: skip
 # Modules that stay 16-bit, and how bad quantizing them is (ERROR: a loader cannot take it).
 KEEP_16BIT = (
-    ("conv1d", "the GDN causal conv (vLLM builds it unquantized; FP4 drifts the recurrence)", ERROR, ERROR),
-    ("norm", "a norm (not a Linear)", ERROR, ERROR),
-    ("A_log", "GDN decay parameter", ERROR, ERROR),
-    ("dt_bias", "GDN time-step bias", ERROR, ERROR),
-    ("mlp.gate", "the MoE router (vLLM builds it unquantized)", ERROR, WARNING),
-    ("shared_expert_gate", "the shared-expert gate (vLLM builds it unquantized)", ERROR, WARNING),
-    ("in_proj_a", "a GDN gate projection (ModelOpt's default keeps it 16-bit)", WARNING, WARNING),
-    ("in_proj_b", "a GDN gate projection (ModelOpt's default keeps it 16-bit)", WARNING, WARNING),
+    (("conv1d",), "the GDN causal conv (vLLM builds it unquantized; FP4 drifts the recurrence)", ERROR, ERROR),
+    (("norm",), "a norm (not a Linear)", ERROR, ERROR),
+    (("A_log", "dt_bias"), "GDN decay parameters (not Linears)", ERROR, ERROR),
+    (("mlp.gate",), "the MoE router (vLLM builds it unquantized)", ERROR, WARNING),
+    (("shared_expert_gate",), "the shared-expert gate (vLLM builds it unquantized)", ERROR, WARNING),
+    (("in_proj_a", "in_proj_b"), "GDN gate projections (ModelOpt's default keeps them 16-bit)", WARNING, WARNING),
 )
 
 
@@ -162,8 +160,8 @@ def _unmatched_ignores(modules, quant: QuantConfig) -> Iterator[Finding]:
 
 
 def _keep_16bit(ctx, quantized) -> Iterator[Finding]:
-    for key, why, vllm, ours in KEEP_16BIT:
-        hits = [m for m in quantized if m.endswith("." + key) or m.rpartition(".")[2] == key]
+    for keys, why, vllm, ours in KEEP_16BIT:
+        hits = [m for m in quantized if any(m.endswith("." + key) or m == key for key in keys)]
         severity = ctx.severity(vllm=vllm, fp4serve=ours)
         if hits and severity:
             yield Finding(severity, "Q05", f"{len(hits)} modules are NVFP4 but should stay 16-bit, {why}: {listing(hits)}",
