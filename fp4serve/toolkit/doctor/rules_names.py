@@ -48,10 +48,14 @@ def check(ctx: Context) -> Iterator[Finding]:
     if ctx.broken_files:
         return  # names cannot be compared on a partial checkpoint; the files rules said why
     try:
-        info = ModelInfo.load(ctx.path)
         quant = detect_quantization(ctx.path)
     except Fp4ServeError:
-        return  # F00 / Q01 report an unreadable config or quantization
+        return  # Q01 reports a quantization config fp4serve cannot read
+    try:
+        info = ModelInfo.load(ctx.path)
+    except Fp4ServeError as e:
+        yield Finding(ERROR, "F00", f"transformers cannot read config.json: {e}", "restore config.json from the source")
+        return
     text = ctx.text_config
     with_mtp = any(n.startswith("mtp.") for n in tensors) or bool(text.get("mtp_num_hidden_layers"))
     try:
