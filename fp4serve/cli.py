@@ -1,4 +1,5 @@
-"""fp4serve command line: serve | generate | chat | bench | convert-gguf. Engine flags keep vLLM's names."""
+"""fp4serve command line: serve | generate | chat | bench | convert-gguf | graft-mtp | strip-vision | rename-tensors |
+doctor. Engine flags keep vLLM's names."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from fp4serve.bench.cli import add_bench_parser
 from fp4serve.engine_args import add_engine_args, engine_config
 from fp4serve.errors import Fp4ServeError
+from fp4serve.toolkit.cli import add_toolkit_parsers
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
@@ -234,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf_file")
     conv.add_argument("out_dir")
     conv.set_defaults(func=cmd_convert_gguf)
+
+    add_toolkit_parsers(sub, common)
     return parser
 
 
