@@ -300,7 +300,7 @@ class LLMEngine:
 
     def _run_step(self, plan: SchedulerPlan, outputs: list[RequestOutput]) -> None:
         step = self.runner.execute(plan)
-        guarded = lambda request, stage, fn, *args: self._guarded(request, stage, outputs, fn, *args)  # noqa: E731
+        guarded = lambda request, stage, fn, *args: self._guarded(request, stage, outputs, fn, *args)
         record_prompt_logprobs(plan, step, self.model.compute_logits, self.vocab_size, guarded)
         requests = [plan.scheduled[i].request for i in step.sample_rows]
         rows = [

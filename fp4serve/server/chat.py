@@ -64,12 +64,13 @@ async def create_chat_completion(
     prompt_ids = await work.run(apply_chat_template, engine.tokenizer, request)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    grammar = await _compile_grammar(grammars, schema) if schema is not None else None
     requests = fan_out([{"prompt_token_ids": prompt_ids, "prompt": None}], [params])
     parsers = []  # per choice: parsers and grammar matchers keep state
     for _, child in requests:
         reasoning = None
-        if schema is not None:  # the whole output is JSON: no room for a <think> block
-            child.logits_processors = [await _grammar_processor(grammars, schema)]
+        if grammar is not None:  # the whole output is JSON: no room for a <think> block
+            child.logits_processors = [GrammarLogitsProcessor(grammar)]
         else:
             reasoning = _reasoning_parser(engine.tokenizer, request, options, prompt_ids)
         parsers.append(ReplyParser(reasoning, _tool_parser(request, options)))
@@ -158,7 +159,7 @@ def _output_schema(request: ChatCompletionRequest) -> dict | None:
     return schema
 
 
-async def _grammar_processor(grammars: GrammarCompiler | None, schema: dict) -> GrammarLogitsProcessor:
+async def _compile_grammar(grammars: GrammarCompiler | None, schema: dict):
     if grammars is None or not xgrammar_available():
         raise APIError(
             400,
@@ -168,8 +169,7 @@ async def _grammar_processor(grammars: GrammarCompiler | None, schema: dict) -> 
             code="unsupported_parameter",
         )
     # Compiling indexes the vocabulary the first time (seconds for a large one): not on the event loop.
-    compiled = await asyncio.to_thread(grammars.json_schema, schema)
-    return GrammarLogitsProcessor(compiled)
+    return await asyncio.to_thread(grammars.json_schema, schema)
 
 
 def _reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):

@@ -27,7 +27,7 @@ def by_index(chunks) -> dict[int, list]:
     return choices
 
 
-def test_list_of_prompts_equals_each_alone(server, client):
+def test_list_of_prompts_equals_each_alone(server, client):  # noqa: F811 (fixtures)
     alone = [client.completions.create(prompt=p, **GREEDY) for p in PROMPTS]
     batch = client.completions.create(prompt=PROMPTS, **GREEDY)
     assert [c.index for c in batch.choices] == [0, 1, 2]
@@ -43,7 +43,7 @@ def test_list_of_prompts_equals_each_alone(server, client):
     assert (batch.usage.prompt_tokens, batch.usage.completion_tokens) == (5, 32)  # prompts once, every choice
 
 
-def test_n_with_seed_repeats_and_differs(server, client):
+def test_n_with_seed_repeats_and_differs(server, client):  # noqa: F811 (fixtures)
     args = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 3,
             "extra_body": {"ignore_eos": True}}  # fmt: skip
     first = [c.text for c in client.completions.create(**args).choices]
@@ -66,7 +66,7 @@ def test_n_with_seed_repeats_and_differs(server, client):
     assert streamed[-1] == [whole.usage]  # usage once, at the end
 
 
-def test_streamed_choices_reassemble_to_the_whole_answer(server, client):
+def test_streamed_choices_reassemble_to_the_whole_answer(server, client):  # noqa: F811 (fixtures)
     args = {"model": "tiny", "prompt": PROMPTS[:2], "max_tokens": 9, "temperature": 1.0, "seed": 3, "n": 2,
             "logprobs": 1, "extra_body": {"ignore_eos": True}}  # fmt: skip
     for echo in (False, True):
@@ -79,16 +79,16 @@ def test_streamed_choices_reassemble_to_the_whole_answer(server, client):
             parts = streamed[choice.index]
             assert "".join(p.text for p in parts) == choice.text
             assert [p.finish_reason for p in parts][-1] == choice.finish_reason == "length"
-            assert sum((p.logprobs.token_logprobs for p in parts), []) == choice.logprobs.token_logprobs
-            assert sum((p.logprobs.text_offset for p in parts), []) == choice.logprobs.text_offset
+            assert [lp for p in parts for lp in p.logprobs.token_logprobs] == choice.logprobs.token_logprobs
+            assert [o for p in parts for o in p.logprobs.text_offset] == choice.logprobs.text_offset
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny):
+def oracle(tiny):  # noqa: F811 (fixture)
     return AutoModelForCausalLM.from_pretrained(tiny.engine.model_path, dtype=torch.float32).eval()
 
 
-def test_echo_logprobs_as_lm_eval_sends_and_parses_them(server, client, oracle):
+def test_echo_logprobs_as_lm_eval_sends_and_parses_them(server, client, oracle):  # noqa: F811 (fixtures)
     """lm-eval local-completions' loglikelihood payload (token-id prompts of context + continuation),
     then its parse_logprobs: sum of token_logprobs[ctxlen:-1], greedy if each is its top map's max."""
     contexts, continuations = [[11, 12, 13, 14], [20, 21]], [[15, 16], [22, 23, 24]]
@@ -107,12 +107,14 @@ def test_echo_logprobs_as_lm_eval_sends_and_parses_them(server, client, oracle):
         # vLLM's prompt_logprobs field on the choice holds the same numbers, with ranks.
         prompt_logprobs = choice.model_extra["prompt_logprobs"]
         assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(ids)
-        assert [prompt_logprobs[p][str(ids[p])]["logprob"] for p in range(1, len(ids))] == logprobs.token_logprobs[1 : len(ids)]
+        own = [prompt_logprobs[p][str(ids[p])] for p in range(1, len(ids))]
+        assert [entry["logprob"] for entry in own] == logprobs.token_logprobs[1 : len(ids)]
         ranks = [int((reference[p - 1] >= reference[p - 1, ids[p]]).sum()) for p in range(1, len(ids))]
-        assert [prompt_logprobs[p][str(ids[p])]["rank"] for p in range(1, len(ids))] == ranks
+        assert [entry["rank"] for entry in own] == ranks
         # lm-eval's parse_logprobs
-        total = sum(logprobs.token_logprobs[ctxlen:-1])
-        greedy = all(t == max(top.values()) for t, top in zip(logprobs.token_logprobs[ctxlen:-1], logprobs.top_logprobs[ctxlen:-1]))
+        scored, tops = logprobs.token_logprobs[ctxlen:-1], logprobs.top_logprobs[ctxlen:-1]
+        total = sum(scored)
+        greedy = all(t == max(top.values()) for t, top in zip(scored, tops))
         assert total == pytest.approx(sum(expected[ctxlen - 1 :]), abs=1e-4)
         argmax = [int(reference[p - 1].argmax()) for p in range(ctxlen, len(ids))]
         assert greedy == (argmax == ids[ctxlen:])
@@ -122,8 +124,9 @@ def test_echo_logprobs_as_lm_eval_sends_and_parses_them(server, client, oracle):
     assert choice.text == PROMPT and len(choice.logprobs.tokens) == 5 and only.usage.completion_tokens == 0
 
 
-def test_chat_prompt_logprobs_and_bad_combinations(server, client):
-    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, extra_body={"prompt_logprobs": 0})
+def test_chat_prompt_logprobs_and_bad_combinations(server, client):  # noqa: F811 (fixtures)
+    extra = {"prompt_logprobs": 0}
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, extra_body=extra)
     prompt_logprobs = reply.model_extra["prompt_logprobs"]
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == reply.usage.prompt_tokens
     assert all(len(entry) == 1 for entry in prompt_logprobs[1:])  # the prompt token itself, k = 0
@@ -143,7 +146,7 @@ def test_chat_prompt_logprobs_and_bad_combinations(server, client):
     assert_healthy(server, client)
 
 
-def test_disconnect_and_failure_abort_every_choice(server, client, monkeypatch):
+def test_disconnect_and_failure_abort_every_choice(server, client, monkeypatch):  # noqa: F811 (fixtures)
     long = {"model": "tiny", "max_tokens": 400, "extra_body": {"ignore_eos": True}}
     stream = client.completions.create(prompt=PROMPTS, n=2, stream=True, **long)
     next(iter(stream))
