@@ -180,7 +180,7 @@ def _add_responses_routes(
     @app.post("/v1/responses", responses=_answer(ResponseObject) | errors)
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
-        _check_queue(async_engine, options)
+        _check_queue(async_engine, options, 1)
         return await _respond(request, create_response(async_engine, body, model, options, work, grammars, store))
 
     @app.get("/v1/responses/{response_id}", responses=auth | _errors(404, 500))

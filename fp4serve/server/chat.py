@@ -58,13 +58,13 @@ async def create_chat_completion(
     work: PromptWork,
     grammars: GrammarCompiler | None = None,
 ) -> ChatCompletionResponse | EventStream:
-    _tool_parser(request, options)  # checks tool_choice before any work; each choice gets its own below
-    schema = _output_schema(request)
+    make_tool_parser(request, options)  # checks tool_choice before any work; each choice gets its own below
+    schema = output_schema(request)
     work.check_length(chat_length(request), "messages")
     prompt_ids = await work.run(apply_chat_template, engine.tokenizer, request)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    grammar = await _compile_grammar(grammars, schema) if schema is not None else None
+    grammar = await compile_grammar(grammars, schema) if schema is not None else None
     requests = fan_out([{"prompt_token_ids": prompt_ids, "prompt": None}], [params])
     parsers = []  # per choice: parsers and grammar matchers keep state
     for _, child in requests:
@@ -72,8 +72,8 @@ async def create_chat_completion(
         if grammar is not None:  # the whole output is JSON: no room for a <think> block
             child.logits_processors = [GrammarLogitsProcessor(grammar)]
         else:
-            reasoning = _reasoning_parser(engine.tokenizer, request, options, prompt_ids)
-        parsers.append(ReplyParser(reasoning, _tool_parser(request, options)))
+            reasoning = make_reasoning_parser(engine.tokenizer, request, options, prompt_ids)
+        parsers.append(ReplyParser(reasoning, make_tool_parser(request, options)))
     choices = await Choices.start(engine, requests, request_id)
     if request.stream:
         chunks = _stream_chunks(choices, request_id, engine.tokenizer, request, model, parsers)
@@ -114,7 +114,7 @@ def _choice(tokenizer, index: int, output: RequestOutput, parser: ReplyParser) -
 
 
 # ---- what the request asks for --------------------------------------------------------------
-def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | ForcedToolCalls | None:
+def make_tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | ForcedToolCalls | None:
     """The parser for this request's tool calls, or None when its output is plain content (vLLM's rules)."""
     choice = request.effective_tool_choice
     if request.tool_choice not in (None, "none") and not request.tools:
@@ -136,7 +136,7 @@ def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> Tool
     return TOOL_PARSERS[options.tool_call_parser]([t.model_dump() for t in request.tools])
 
 
-def _output_schema(request: ChatCompletionRequest) -> dict | None:
+def output_schema(request: ChatCompletionRequest) -> dict | None:
     """The JSON schema the output is held to (constrained decoding), or None for free text."""
     choice = request.effective_tool_choice
     fmt = request.response_format
@@ -159,7 +159,7 @@ def _output_schema(request: ChatCompletionRequest) -> dict | None:
     return schema
 
 
-async def _compile_grammar(grammars: GrammarCompiler | None, schema: dict):
+async def compile_grammar(grammars: GrammarCompiler | None, schema: dict):
     if grammars is None or not xgrammar_available():
         raise APIError(
             400,
@@ -172,7 +172,7 @@ async def _compile_grammar(grammars: GrammarCompiler | None, schema: dict):
     return await asyncio.to_thread(grammars.json_schema, schema)
 
 
-def _reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):
+def make_reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):
     if options.reasoning_parser is None or (request.chat_template_kwargs or {}).get("enable_thinking") is False:
         return None
     # The last few prompt tokens tell whether the template opened a think block for the model.
