@@ -75,14 +75,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="names clients may use; the first is the canonical one (default: the model argument)",
     )
-    p.add_argument(
-        "--reasoning-parser", default=None, choices=["qwen3"], help="move <think>...</think> text to reasoning_content"
-    )
+    # No argparse `choices`: ServerOptions refuses an unknown parser naming the ones fp4serve has.
+    p.add_argument("--reasoning-parser", default=None, help="qwen3: move <think>...</think> text to reasoning_content")
     p.add_argument(
         "--tool-call-parser",
         default=None,
-        choices=["hermes", "qwen3_coder", "qwen3_xml"],
-        help="the model's tool-call format",
+        help="the model's tool-call format: hermes, qwen3_coder or qwen3_xml",
     )
     p.add_argument(
         "--enable-auto-tool-choice",
