@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def run(args: list[str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "fp4serve.cli", *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "fp4serve.cli", *args], check=False, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"fp4serve {' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return done.stdout
