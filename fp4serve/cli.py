@@ -1,5 +1,5 @@
 """fp4serve command line: serve | generate | chat | bench | convert-gguf | graft-mtp | strip-vision | rename-tensors |
-doctor. Engine flags keep vLLM's names."""
+doctor | quantize | eval. Engine flags keep vLLM's names."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from fp4serve.bench.cli import add_bench_parser
 from fp4serve.engine_args import add_engine_args, engine_config
 from fp4serve.errors import Fp4ServeError
+from fp4serve.quantize.cli import add_quantize_parsers
 from fp4serve.toolkit.cli import add_toolkit_parsers
 
 
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert_gguf)
 
     add_toolkit_parsers(sub, common)
+    add_quantize_parsers(sub, common)
     return parser
 
 

@@ -187,7 +187,7 @@ class FusedPlan:
         self.decoder, self.max_rows = decoder, max_rows
 
     @classmethod
-    def build(cls, model: "LlamaModel") -> "FusedPlan":
+    def build(cls, model: LlamaModel) -> FusedPlan:
         reason = cls._unsupported(model)
         if reason is None:
             layers, kinds = [], set()
@@ -229,7 +229,7 @@ class FusedPlan:
         return cls(decoder, max_rows)
 
     @staticmethod
-    def _unsupported(model: "LlamaModel") -> str | None:
+    def _unsupported(model: LlamaModel) -> str | None:
         if not cpu_decode.c_decode_enabled():
             return f"{cpu_decode.ENV_VAR}=torch"
         if cpu_decode.cpu_library() is None:
@@ -245,6 +245,10 @@ class FusedPlan:
         return None
 
 
+def qkv_bias_of(config) -> bool:
+    return bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+
+
 class LlamaForCausalLM(CausalLM):
     qk_norm = False
     stacked_params = FUSED
@@ -252,9 +256,13 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config, dtype: torch.dtype, **kwargs):
         super().__init__(config, dtype, **kwargs)
-        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-        self.model = LlamaModel(config, dtype, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(config, dtype, qkv_bias_of(config), self.qk_norm)
         self.make_lm_head()
+
+    @classmethod
+    def decoder_layer(cls, config, index: int, dtype: torch.dtype) -> LlamaDecoderLayer:
+        """Decoder layer `index` on its own (`fp4serve quantize` builds and calibrates one at a time)."""
+        return LlamaDecoderLayer(config, index, dtype, qkv_bias_of(config), cls.qk_norm, f"model.layers.{index}")
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)

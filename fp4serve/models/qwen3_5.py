@@ -141,6 +141,11 @@ class Qwen3_5ForCausalLM(CausalLM):
         self.model = Qwen3_5Model(config, dtype, self.moe)
         self.make_lm_head()
 
+    @classmethod
+    def decoder_layer(cls, config, index: int, dtype: torch.dtype) -> Qwen3_5DecoderLayer:
+        """Decoder layer `index` on its own (`fp4serve quantize` builds and calibrates one at a time)."""
+        return Qwen3_5DecoderLayer(config, index, dtype, cls.moe, f"model.layers.{index}")
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)
 

@@ -67,8 +67,8 @@ def strip_vision(model_dir: str | Path, out: str | Path | None = None) -> StripR
 
             def drop_vision_entries(entries: list[str]) -> list[str]:
                 def only_vision(entry: str) -> bool:
-                    return any(quant._matches(m, entry) for m in dropped_modules) and not any(
-                        quant._matches(m, entry) for m in kept_modules
+                    return any(quant.matches(m, entry) for m in dropped_modules) and not any(
+                        quant.matches(m, entry) for m in kept_modules
                     )
 
                 gone = [e for e in entries if only_vision(e)]

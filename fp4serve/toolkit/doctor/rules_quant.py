@@ -151,7 +151,7 @@ def _unmatched_ignores(modules, quant: QuantConfig) -> Iterator[Finding]:
     for module, params in modules.items():
         for param, (_, entry) in params.items():
             names.update(n.rpartition(".")[0] for n in expand_fused_experts(f"{module}.{param}", entry.shape))
-    unmatched = [p for p in quant.ignore if not any(quant._matches(m, p) for m in names)]
+    unmatched = [p for p in quant.ignore if not any(quant.matches(m, p) for m in names)]
     if unmatched:
         yield Finding(
             WARNING, "Q04", f"quantization ignore entries that match no module of the checkpoint: {listing(unmatched)}",
