@@ -44,9 +44,12 @@ def targets(tmp_path_factory):
 
 
 def conversation(llm) -> tuple[list[list[int]], list[list[int]]]:
-    """Turn 1 (A, B), then turn 2 (each prompt + its answer + new tokens): the two turns' outputs."""
-    first = outputs(llm, [A, B], greedy(12))
+    """Turn 1 (A, B), then turn 2 (each prompt + its answer + new tokens, and C: A's first 32 tokens
+    and answer, then other tokens): the two turns' outputs. A's turn 1 ends with 48 of its 49
+    tokens computed, so its last step fills the block that ends at 48."""
+    first = [outputs(llm, [A], greedy(19))[0], outputs(llm, [B], greedy(12))[0]]
     second_prompts = [p + o + MORE[i] for i, (p, o) in enumerate(zip([A, B], first))]
+    second_prompts.append((A + first[0])[:32] + [77, 78, 79])
     results = llm.generate([{"prompt_token_ids": p} for p in second_prompts], greedy(24))  # these preempt
     llm.turn2_cached = [r.num_cached_tokens for r in results]
     return first, [r.outputs[0].token_ids for r in results]
@@ -72,12 +75,15 @@ def test_turn_two_hits_and_equals_no_cache(targets, kind, method):
     if method in ("mtp", "dflash"):
         recorder = llm.engine.proposer = Recorder(llm.engine.proposer)
     assert conversation(llm) == reference
-    # A's turn 1 ends at 42 tokens (41 computed): its latest snapshot is at 32, which turn 2 restores
-    assert llm.turn2_cached[0] == 32 and llm.engine.block_pool.snapshots.hits >= 1
+    # A's turn 1 ends with 48 tokens computed: turn 2 restores the snapshot there. C diverges from A
+    # right after 32, a snapshot point; MTP's cache row at 31 holds A's token 32, so with MTP the
+    # hit falls back to the snapshot at 16 (the end of A's prompt's last full block).
+    assert llm.turn2_cached[0] == 48 and llm.engine.block_pool.snapshots.hits >= 2
+    assert llm.turn2_cached[2] == (16 if method == "mtp" else 32)
     assert llm.engine.scheduler.num_preemptions > 0
     if recorder is not None:
         check = check_mtp_drafts if method == "mtp" else check_dflash_drafts
-        check(hf, root, tensors, [r for r in recorder.records if len(r[0]) > 32][::3])
+        check(hf, root, tensors, [r for r in recorder.records if len(r[0]) > 32])
     assert_idle_and_free(llm)
 
 
@@ -88,9 +94,9 @@ def test_mamba_cache_modes(targets, mode):
     llm = tight_llm(root / "target", mamba_cache_mode=mode, **SETTINGS)
     assert conversation(llm) == reference
     if mode == "none":
-        assert llm.turn2_cached == [0, 0] and not llm.engine.block_pool.enable_prefix_caching
+        assert llm.turn2_cached == [0, 0, 0] and not llm.engine.block_pool.enable_prefix_caching
     else:
-        assert llm.turn2_cached[0] == 32
+        assert llm.turn2_cached[0] == 48
         assert_idle_and_free(llm)
 
 
