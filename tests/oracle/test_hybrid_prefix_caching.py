@@ -9,6 +9,7 @@ the snapshot hit counter); and the MTP and DFlash drafts proposed after hits equ
 recompute by transformers' models, so the drafter caches a hit reuses are exact. Aborts and
 preemption leave nothing held once the engine is idle.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,9 @@ def targets(tmp_path_factory):
         if kind not in built:
             root = tmp_path_factory.mktemp(f"hybrid-prefix-{kind}")
             hf = make_mtp_target(root / "target", moe=kind == "moe")
-            tensors = make_dflash_drafter(root / "dflash", hf.config, num_layers=2, block_size=4, target_layer_ids=[0, 2])
+            tensors = make_dflash_drafter(
+                root / "dflash", hf.config, num_layers=2, block_size=4, target_layer_ids=[0, 2]
+            )
             plain = tight_llm(root / "target", enable_prefix_caching=False)
             built[kind] = root, hf, tensors, conversation(plain)
         return built[kind]
