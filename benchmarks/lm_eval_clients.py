@@ -5,12 +5,12 @@ benchmarks/lm_eval_tasks/. lm-eval tokenizes through the server (/tokenize, /tok
 environment needs no transformers or model files.
 
 The multiple-choice answers are checked against an independent scorer: transformers' own forward of
-the same model directory sums each choice's token logprobs, and its pick must equal lm-eval's for
-every question.
+the same model directory (float32, as the server here) sums each choice's token logprobs; every
+choice's sum must equal lm-eval's within 1e-3 and every pick must be the same.
 
 lm-eval is not a test dependency (it pulls pandas, pyarrow, scipy, scikit-learn and datasets), so it
 lives in its own environment:
-  python3 -m venv /tmp/lm-eval && /tmp/lm-eval/bin/pip install lm-eval
+  python3 -m venv /tmp/lm-eval && /tmp/lm-eval/bin/pip install "lm-eval[api]"
   python benchmarks/lm_eval_clients.py --lm-eval-python /tmp/lm-eval/bin/python [--model DIR]
 """
 
@@ -45,18 +45,21 @@ def run_lm_eval(python: str, model: str, model_args: str, tasks: str, out: Path,
     return {"seconds": seconds, "results": json.loads(results.read_text())["results"], "samples": samples}
 
 
-def transformers_choices(model_dir: Path, samples_file: Path) -> tuple[list[int], list[int]]:
-    """(lm-eval's pick, transformers' pick) per question: the choice with the highest summed
-    continuation logprob, context and continuation tokenized apart as lm-eval does."""
+def transformers_scores(model_dir: Path, samples_file: Path) -> tuple[list[list[float]], list[list[float]]]:
+    """(lm-eval's, transformers') summed continuation logprob of each choice of each question,
+    context and continuation tokenized apart as lm-eval does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    theirs, ours = [], []
+    theirs, ours = [], []  # per question, per choice
     for line in samples_file.read_text().splitlines():
         sample = json.loads(line)
         scores = []
-        for context, continuation in (request["arguments"] for request in sample["arguments"].values()):
+        # The samples file keeps each request's arguments as {"arg_0": context, "arg_1": continuation}
+        # and each response (loglikelihood, is_greedy) as strings.
+        for request in sample["arguments"].values():
+            context, continuation = request["arg_0"], request["arg_1"]
             context_ids = tokenizer(context, add_special_tokens=False).input_ids
             continuation_ids = tokenizer(continuation, add_special_tokens=False).input_ids
             ids = torch.tensor([context_ids + continuation_ids])
@@ -64,8 +67,8 @@ def transformers_choices(model_dir: Path, samples_file: Path) -> tuple[list[int]
                 logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
             positions = range(len(context_ids) - 1, ids.shape[1] - 1)
             scores.append(sum(logprobs[p, ids[0, p + 1]].item() for p in positions))
-        ours.append(max(range(len(scores)), key=scores.__getitem__))
-        theirs.append(max(range(len(scores)), key=lambda i: sample["resps"][i][0][0]))
+        ours.append(scores)
+        theirs.append([float(response[0][0]) for response in sample["resps"]])
     return theirs, ours
 
 
@@ -76,7 +79,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     model_dir = Path(args.model) if args.model else default_model_path()
-    serve = f"{model_dir} --served-model-name {SERVED_NAME} --enable-tokenizer-info-endpoint --max-model-len 2048"
+    # float32, as the transformers scorer runs: the check is then exact up to summation order.
+    serve = f"{model_dir} --served-model-name {SERVED_NAME} --enable-tokenizer-info-endpoint --max-model-len 2048 "
+    serve += "--dtype float32"
     rows = []
     with LocalServer(serve) as server, tempfile.TemporaryDirectory() as tmp:
         base = f"base_url={server.url}/completions,model={SERVED_NAME},num_concurrent=1,max_retries=1"
@@ -90,14 +95,19 @@ def main() -> None:
                 for name, value in metrics.items():
                     if isinstance(value, float) and "stderr" not in name:
                         rows.append((client, task, name, value, run["seconds"]))
-        theirs, ours = transformers_choices(model_dir, completions["samples"]["fp4serve_mc"])
+        theirs, ours = transformers_scores(model_dir, completions["samples"]["fp4serve_mc"])
     print(f"| lm-eval model | task | metric | value | run time (s) |\n| --- | --- | --- | --- | --- |")
     for client, task, name, value, seconds in rows:
         print(f"| {client} | {task} | {name} | {value:.3f} | {seconds:.1f} |")
-    agree = sum(a == b for a, b in zip(theirs, ours))
-    print(f"\nmultiple choice: lm-eval's pick equals transformers' on {agree}/{len(ours)} questions")
-    if agree != len(ours):
-        raise SystemExit(f"lm-eval (through fp4serve) and transformers disagree: {theirs} vs {ours}")
+    picks = [
+        (max(range(len(a)), key=a.__getitem__), max(range(len(b)), key=b.__getitem__)) for a, b in zip(theirs, ours)
+    ]
+    agree = sum(a == b for a, b in picks)
+    worst = max(abs(x - y) for a, b in zip(theirs, ours) for x, y in zip(a, b))
+    print(f"\nmultiple choice: lm-eval's pick equals transformers' on {agree}/{len(picks)} questions; "
+          f"largest difference of a choice's summed logprob: {worst:.2e}")  # fmt: skip
+    if agree != len(picks) or worst > 1e-3:
+        raise SystemExit(f"lm-eval (through fp4serve) and transformers disagree: {picks}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""fp4serve command line: serve | generate | chat | bench | convert-gguf. Engine flags keep vLLM's names."""
+"""fp4serve command line: serve | generate | chat | bench | convert-gguf | graft-mtp | strip-vision | rename-tensors |
+doctor. Engine flags keep vLLM's names."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from fp4serve.bench.cli import add_bench_parser
 from fp4serve.engine_args import add_engine_args, engine_config
 from fp4serve.errors import Fp4ServeError
+from fp4serve.toolkit.cli import add_toolkit_parsers
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
@@ -73,14 +75,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="names clients may use; the first is the canonical one (default: the model argument)",
     )
-    p.add_argument(
-        "--reasoning-parser", default=None, choices=["qwen3"], help="move <think>...</think> text to reasoning_content"
-    )
+    # No argparse `choices`: ServerOptions refuses an unknown parser naming the ones fp4serve has.
+    p.add_argument("--reasoning-parser", default=None, help="qwen3: move <think>...</think> text to reasoning_content")
     p.add_argument(
         "--tool-call-parser",
         default=None,
-        choices=["hermes", "qwen3_coder", "qwen3_xml"],
-        help="the model's tool-call format",
+        help="the model's tool-call format: hermes, qwen3_coder or qwen3_xml",
     )
     p.add_argument(
         "--enable-auto-tool-choice",
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf_file")
     conv.add_argument("out_dir")
     conv.set_defaults(func=cmd_convert_gguf)
+
+    add_toolkit_parsers(sub, common)
     return parser
 
 

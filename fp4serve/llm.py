@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from fp4serve.config import EngineConfig
 from fp4serve.engine.engine import LLMEngine
@@ -17,7 +18,7 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_args))
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLM":
+    def from_config(cls, config: EngineConfig) -> LLM:
         llm = cls.__new__(cls)
         llm.engine = LLMEngine(config)
         return llm
@@ -49,15 +50,20 @@ class LLM:
             sampling_params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
-        ids = []
+        groups: list[list[str]] = []  # per prompt, its n engine requests (vLLM V1's parallel sampling)
         try:
             for prompt, params in zip(prompts, sampling_params):
-                ids.append(self.engine.add_request(prompt, params))
+                params.validate()  # n among the rest, before it says how many children to add
+                groups.append([])
+                for j in range(params.n):
+                    groups[-1].append(self.engine.add_request(prompt, params.child(j) if params.n > 1 else params))
         except Exception:
-            for request_id in ids:  # a bad prompt fails the whole call and leaves nothing queued
+            for request_id in (i for group in groups for i in group):  # a bad prompt fails the whole call
                 self.engine.abort_request(request_id)
             raise
-        return self._run(ids, use_tqdm)
+        ids = [request_id for group in groups for request_id in group]
+        final = dict(zip(ids, self._run(ids, use_tqdm)))
+        return [_merge_choices([final[i] for i in group]) for group in groups]
 
     def chat(
         self,
@@ -95,3 +101,11 @@ class LLM:
         if progress:
             progress.close()
         return [final[i] for i in request_ids]
+
+
+def _merge_choices(children: list[RequestOutput]) -> RequestOutput:
+    """One RequestOutput whose outputs are the children's, output i from child i (vLLM's shape for n > 1)."""
+    if len(children) == 1:
+        return children[0]
+    outputs = [replace(child.outputs[0], index=j) for j, child in enumerate(children)]
+    return replace(children[0], outputs=outputs, finished=all(c.finished for c in children))

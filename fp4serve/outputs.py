@@ -32,3 +32,6 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[TokenLogprobs] | None = None
+    # SamplingParams.prompt_logprobs set: one entry per prompt token, the first None (vLLM's shape;
+    # complete from the first output on, since a request samples only after its whole prompt).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -1,7 +1,7 @@
 """SamplingParams: the per-request knobs, shaped like vLLM's."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from fp4serve.errors import InvalidRequestError
 
@@ -28,8 +28,9 @@ INT_RANGES = {
     "min_tokens": (0, MAX_INT32),
     "seed": (-(2**63), 2**64 - 1),  # what torch.Generator takes
     "logprobs": (0, 20),
+    "prompt_logprobs": (0, 20),
 }
-OPTIONAL_INTS = ("max_tokens", "seed", "logprobs")
+OPTIONAL_INTS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
 BOOL_FIELDS = ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens")
 
 
@@ -70,6 +71,9 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives returned with each sampled token
+    # vLLM's prompt_logprobs: each prompt token's own logprob plus this many top alternatives
+    # (None: off). Such a request computes every prompt position, so it takes no prefix-cache hit.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Called by the sampler as fn(output_token_ids, logits) on the request's [1, V] float32 logits,
     # which it may change in place (e.g. engine/grammar.py masks tokens a grammar does not allow).
@@ -96,8 +100,6 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None or name not in OPTIONAL_INTS:
                 _check_int(name, value, low, high)
-        if self.n != 1:
-            raise InvalidRequestError(f"n={self.n} is not supported; send n separate requests", "n")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens")
         for i, token_id in enumerate(self.stop_token_ids):
@@ -108,12 +110,21 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
 
+    def child(self, index: int) -> SamplingParams:
+        """The params of choice `index` of an n > 1 request, which runs as n engine requests (vLLM
+        V1's parallel sampling): n = 1 and, when seeded, seed + index, so each choice differs and
+        the whole answer repeats."""
+        seed = None if self.seed is None else self.seed + index
+        # replace() runs __post_init__, so a seed pushed past 2^64 - 1 is refused naming `seed`.
+        # logits_processors are shared: a caller whose processors keep state gives each child its own.
+        return replace(self, n=1, seed=seed)
+
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
     @classmethod
-    def from_defaults(cls, defaults: dict | None, **overrides) -> "SamplingParams":
+    def from_defaults(cls, defaults: dict | None, **overrides) -> SamplingParams:
         """Request values win; the model's generation_config fills what the request left out."""
         names = {f.name for f in fields(cls)}
         merged = {k: v for k, v in (defaults or {}).items() if k in names}

@@ -34,6 +34,11 @@ class LocalServer:
         self.stop()
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def api_key(self) -> str | None:
         for i, arg in enumerate(self.args):
             if arg == "--api-key" and i + 1 < len(self.args):

@@ -152,12 +152,13 @@ class AsyncEngine:
         without a lock from the event loop, so it may be off by one step: good enough for a limit."""
         return len(self.engine.scheduler.waiting) + sum(isinstance(c, _Add) for c in list(self._inbox))
 
-    def num_queued(self) -> int:
-        """Waiting requests beyond the free sequence slots: those the scheduler could not start on
-        its next step. A burst at an idle server is all admitted at once, so none of it counts."""
+    def num_queued(self, arriving: int = 0) -> int:
+        """Waiting requests beyond the free sequence slots, `arriving` more included: those the
+        scheduler could not start on its next step. A burst at an idle server is all admitted at
+        once, so none of it counts."""
         scheduler = self.engine.scheduler
         free_slots = max(0, scheduler.max_num_seqs - len(scheduler.running))
-        return max(0, self.num_waiting() - free_slots)
+        return max(0, self.num_waiting() + arriving - free_slots)
 
     # ---- the event-loop side ------------------------------------------------------------------
     async def add_request(
@@ -165,19 +166,31 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request and wait until the engine accepted it (raises what engine.add_request
         raises, e.g. InvalidRequestError), so a server can still answer 400 before it streams."""
+        return (await self.add_requests([(prompt, params, request_id)]))[0]
+
+    async def add_requests(
+        self, requests: list[tuple[str | dict | list[int], SamplingParams, str]]
+    ) -> list[RequestStream]:
+        """add_request for several (prompt, params, request_id) at once: all are queued before the
+        first is awaited, so the loop thread takes them in one pass. All or none: should one be
+        refused (or the wait be cancelled), the others are aborted and the first error raised."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        stream = RequestStream(request_id, self)
-        self._submit(_Add(prompt, params, stream))
+        streams = [RequestStream(request_id, self) for _, _, request_id in requests]
+        with self._wakeup:  # one notify for the batch; _submit takes the lock again, which is reentrant
+            for (prompt, params, _), stream in zip(requests, streams):
+                self._submit(_Add(prompt, params, stream))
         try:
-            item = await stream._queue.get()
-        except BaseException:  # cancelled while waiting: the request may be added after all
-            stream.close()
+            for stream in streams:
+                item = await stream._queue.get()
+                if isinstance(item, BaseException):
+                    stream.finished = True
+                    raise item
+        except BaseException:  # refused, or cancelled while waiting: the others may be added after all
+            for stream in streams:
+                stream.close()
             raise
-        if isinstance(item, BaseException):
-            stream.finished = True
-            raise item
-        return stream
+        return streams
 
     async def generate(
         self, prompt: str | dict | list[int], params: SamplingParams, request_id: str

@@ -27,6 +27,7 @@ from fp4serve.model_path import resolve_model_dir
 from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
 from fp4serve.outputs import CompletionOutput, RequestOutput
+from fp4serve.sample.prompt_logprobs import record_prompt_logprobs
 from fp4serve.sample.sampler import SamplingRow, sample
 from fp4serve.sample.verify import verify
 from fp4serve.sampling_params import SamplingParams, is_int
@@ -229,6 +230,9 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         params = params or self.default_sampling_params()
         params.validate()
+        if params.n != 1:
+            raise InvalidRequestError(f"an engine request is one sequence, got n={params.n}: add one request per "
+                                      "SamplingParams.child(i) (LLM.generate and the server do)", "n")  # fmt: skip
         if params.stop and isinstance(self.tokenizer, NoTokenizer):
             raise InvalidRequestError(f"stop strings need a tokenizer, and this server has none ({self.tokenizer.why})")
         self._check_prompt(token_ids)
@@ -329,6 +333,8 @@ class LLMEngine:
 
     def _run_step(self, plan: SchedulerPlan, outputs: list[RequestOutput]) -> None:
         step = self.runner.execute(plan)
+        guarded = lambda request, stage, fn, *args: self._guarded(request, stage, outputs, fn, *args)
+        record_prompt_logprobs(plan, step, self.model.compute_logits, self.vocab_size, guarded)
         requests = [plan.scheduled[i].request for i in step.sample_rows]
         rows = [
             SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.eos_token_ids)
@@ -512,6 +518,7 @@ class LLMEngine:
             delta_text=delta,
             delta_token_ids=added,
             delta_logprobs=logprobs,
+            prompt_logprobs=request.prompt_logprobs,
         )
 
     def _finish_output(self, request: Request, delta: str, added: list[int], logprobs) -> RequestOutput:

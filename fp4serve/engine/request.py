@@ -44,6 +44,9 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     num_preemptions: int = 0
     logprobs: list | None = None  # TokenLogprobs per output token when params.logprobs is set
+    # params.prompt_logprobs set: per prompt position, the TokenLogprobs of that prompt token given
+    # the ones before it (None at position 0, which has nothing before it), filled chunk by chunk.
+    prompt_logprobs: list | None = None
     # Speculative decoding: tokens a proposer drafted to verify in the next step. They are not
     # output (yet): the verification step appends the accepted ones.
     draft_token_ids: list[int] = field(default_factory=list)
@@ -51,6 +54,8 @@ class Request:
     def __post_init__(self):
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def all_token_ids(self) -> list[int]:

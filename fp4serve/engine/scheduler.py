@@ -201,7 +201,10 @@ class Scheduler:
         if self.uses_state_slots and not self.free_slots:
             return 0
         # At least one token must be computed to produce logits, so the hit stops short of the end.
-        blocks, hashes = self.pool.match_prefix(request.all_token_ids, request.num_tokens - 1)
+        # Prompt logprobs need the logits of every prompt position: no hit at all (as vLLM).
+        blocks, hashes = [], []
+        if request.params.prompt_logprobs is None:
+            blocks, hashes = self.pool.match_prefix(request.all_token_ids, request.num_tokens - 1)
         snapshot = None
         if self.uses_state_slots and blocks:
             keep, snapshot = self._snapshot_hit(request, blocks, hashes)

@@ -1,6 +1,7 @@
 """Rotary position embeddings (neox / rotate-half layout, as transformers), with the scaling types
 the supported configs use: default, linear, llama3, yarn. Partial rotary rotates the first
 `rotary_dim` dims of each head and passes the rest through (Qwen3.5: 64 of 256)."""
+
 from __future__ import annotations
 
 import math
@@ -78,9 +79,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
-        inv_freq, self.scale = rope_inv_freq(rotary_dim, rope_parameters, max_position)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Computed on the CPU, then moved: the memo key needs the values even when the model is
+        # built on the meta device (fp4serve doctor builds one to list the expected tensors).
+        with torch.device("cpu"):
+            inv_freq, self.scale = rope_inv_freq(rotary_dim, rope_parameters, max_position)
         self.memo_key = ("rope", rotary_dim, self.scale, tuple(inv_freq.tolist()))
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, rotary_dim] cos and sin, computed in fp32 then cast, exactly as transformers does."""

@@ -285,15 +285,24 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, rows: list[S
     if not wanted:
         return result
     logprobs = _select(logits, wanted).float().log_softmax(dim=1)
-    chosen = logprobs.gather(1, token_ids[wanted].unsqueeze(1))
-    ranks = (logprobs >= chosen).sum(dim=1, dtype=torch.int32)  # int32: a faster sum than int64
-    top_n = max(rows[i].params.logprobs for i in wanted)
-    top_values, top_ids = logprobs.topk(top_n, dim=1)
-    # One device-to-host copy per tensor, then plain Python per row.
-    chosen_ids, chosen, ranks = token_ids[wanted].tolist(), chosen.squeeze(1).tolist(), ranks.tolist()
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(wanted):
-        n = rows[i].params.logprobs
-        top = list(zip(top_ids[j][:n], top_values[j][:n]))
-        result[i] = TokenLogprobs(token_id=chosen_ids[j], logprob=chosen[j], rank=ranks[j], top=top)
+    entries = token_logprobs(logprobs, token_ids[wanted], [rows[i].params.logprobs for i in wanted])
+    for i, entry in zip(wanted, entries):
+        result[i] = entry
     return result
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
+    """Row m of log-softmaxed `logprobs` [M, V]: the entry of token_ids[m] with its rank and the
+    num_top[m] most likely tokens (sampled tokens and prompt logprobs share this)."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs >= chosen).sum(dim=1, dtype=torch.int32)  # int32: a faster sum than int64
+    top_values, top_ids = logprobs.topk(max(num_top), dim=1)
+    # One device-to-host copy per tensor, then plain Python per row.
+    chosen_ids, chosen, ranks = token_ids.tolist(), chosen.squeeze(1).tolist(), ranks.tolist()
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprobs(
+            token_id=chosen_ids[m], logprob=chosen[m], rank=ranks[m], top=list(zip(top_ids[m][:n], top_values[m][:n]))
+        )
+        for m, n in enumerate(num_top)
+    ]

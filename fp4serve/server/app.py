@@ -39,6 +39,7 @@ from fp4serve.engine.grammar import GrammarCompiler
 from fp4serve.errors import Fp4ServeError
 from fp4serve.server.auth import BearerAuth
 from fp4serve.server.chat import create_chat_completion
+from fp4serve.server.choices import check_num_choices
 from fp4serve.server.completions import create_completion
 from fp4serve.server.limits import BodySizeLimit
 from fp4serve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -152,13 +153,13 @@ def _add_generation_routes(
     @app.post("/v1/completions", responses=_answer(CompletionResponse) | errors)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
-        _check_queue(async_engine, options)
+        _check_queue(async_engine, options, _num_choices(async_engine, options, body.num_prompts, body.n))
         return await _respond(request, create_completion(async_engine, body, model, work))
 
     @app.post("/v1/chat/completions", responses=_answer(ChatCompletionResponse) | errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
-        _check_queue(async_engine, options)
+        _check_queue(async_engine, options, _num_choices(async_engine, options, 1, body.n))
         return await _respond(request, create_chat_completion(async_engine, body, model, options, work, grammars))
 
 
@@ -179,7 +180,7 @@ def _add_responses_routes(
     @app.post("/v1/responses", responses=_answer(ResponseObject) | errors)
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         model = _resolve_model(served_model_names, body.model)
-        _check_queue(async_engine, options)
+        _check_queue(async_engine, options, 1)
         return await _respond(request, create_response(async_engine, body, model, options, work, grammars, store))
 
     @app.get("/v1/responses/{response_id}", responses=auth | _errors(404, 500))
@@ -230,10 +231,14 @@ def _resolve_model(served_model_names: list[str], requested: str | None) -> str:
     return requested
 
 
-def _check_queue(async_engine: AsyncEngine, options: ServerOptions) -> None:
-    """--max-queue bounds the requests that would wait: one the engine can start at once (a free
-    sequence slot) does not count."""
-    if options.max_queue is not None and async_engine.num_queued() >= options.max_queue:
+def _num_choices(async_engine: AsyncEngine, options: ServerOptions, num_prompts: int, n: int) -> int:
+    return check_num_choices(num_prompts, n, options.max_queue, async_engine.engine.scheduler.max_num_seqs)
+
+
+def _check_queue(async_engine: AsyncEngine, options: ServerOptions, num_choices: int) -> None:
+    """--max-queue bounds the requests that would wait, each choice (engine request) counted: one
+    the engine can start at once (a free sequence slot) does not count."""
+    if options.max_queue is not None and async_engine.num_queued(num_choices) > options.max_queue:
         raise APIError(
             503,
             f"the server is busy: {options.max_queue} requests are already waiting; retry shortly",

@@ -10,10 +10,13 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 
-from fp4serve.engine.async_engine import AsyncEngine, RequestStream
+from fp4serve.engine.async_engine import AsyncEngine
 from fp4serve.engine.grammar import GrammarCompiler, GrammarLogitsProcessor, xgrammar_available
 from fp4serve.errors import InvalidRequestError
+from fp4serve.outputs import RequestOutput
 from fp4serve.sample.sampler import TokenLogprobs
+from fp4serve.server.choices import Choices, fan_out
+from fp4serve.server.logprobs import prompt_logprobs_json
 from fp4serve.server.options import ServerOptions
 from fp4serve.server.prompt_work import PromptWork, chat_length
 from fp4serve.server.protocol import (
@@ -55,48 +58,63 @@ async def create_chat_completion(
     work: PromptWork,
     grammars: GrammarCompiler | None = None,
 ) -> ChatCompletionResponse | EventStream:
-    tool_parser = _tool_parser(request, options)
-    schema = _output_schema(request)
+    make_tool_parser(request, options)  # checks tool_choice before any work; each choice gets its own below
+    schema = output_schema(request)
     work.check_length(chat_length(request), "messages")
     prompt_ids = await work.run(apply_chat_template, engine.tokenizer, request)
     params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    reasoning = None
-    if schema is not None:  # the whole output is JSON: no room for a <think> block
-        params.logits_processors = [await _grammar_processor(grammars, schema)]
-    else:
-        reasoning = _reasoning_parser(engine.tokenizer, request, options, prompt_ids)
-    parser = ReplyParser(reasoning, tool_parser)
-    stream = await engine.add_request({"prompt_token_ids": prompt_ids, "prompt": None}, params, request_id)
+    grammar = await compile_grammar(grammars, schema) if schema is not None else None
+    requests = fan_out([{"prompt_token_ids": prompt_ids, "prompt": None}], [params])
+    parsers = []  # per choice: parsers and grammar matchers keep state
+    for _, child in requests:
+        reasoning = None
+        if grammar is not None:  # the whole output is JSON: no room for a <think> block
+            child.logits_processors = [GrammarLogitsProcessor(grammar)]
+        else:
+            reasoning = make_reasoning_parser(engine.tokenizer, request, options, prompt_ids)
+        parsers.append(ReplyParser(reasoning, make_tool_parser(request, options)))
+    choices = await Choices.start(engine, requests, request_id)
     if request.stream:
-        chunks = _stream_chunks(stream, engine.tokenizer, request, model, parser)
-        return EventStream(sse_events(chunks), stream.close)
+        chunks = _stream_chunks(choices, request_id, engine.tokenizer, request, model, parsers)
+        return EventStream(sse_events(chunks), choices.close)
 
-    output = await stream.final_output()
+    finals = await choices.final_outputs()
+    answer = [_choice(engine.tokenizer, i, output, parser) for i, (output, parser) in enumerate(zip(finals, parsers))]
+    usage = UsageInfo.of(len(prompt_ids), sum(len(output.outputs[0].token_ids) for output in finals))
+    prompt_logprobs = None
+    if request.prompt_logprobs is not None and finals[0].prompt_logprobs is not None:
+        prompt_logprobs = prompt_logprobs_json(engine.tokenizer, prompt_ids, finals[0].prompt_logprobs)
+    return ChatCompletionResponse(
+        id=request_id, model=model, choices=answer, usage=usage, prompt_logprobs=prompt_logprobs
+    )
+
+
+def _choice(tokenizer, index: int, output: RequestOutput, parser: ReplyParser) -> ChatCompletionChoice:
+    """One choice of a whole answer: its text through the reasoning and tool-call parsers."""
     completion = output.outputs[0]
     reasoning, content, calls = parser.feed(completion.text)
     more_reasoning, more_content, more_calls = parser.finish()
     reasoning, content, calls = reasoning + more_reasoning, content + more_content, calls + more_calls
     logprobs = None
     if completion.logprobs is not None:
-        logprobs = _logprobs(engine.tokenizer, completion.logprobs)
+        logprobs = _logprobs(tokenizer, completion.logprobs)
     message = ChatResponseMessage(
         content=content if content or not calls else None,
         reasoning_content=reasoning or None,
         tool_calls=[ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls],
     )
-    choice = ChatCompletionChoice(
+    return ChatCompletionChoice(
+        index=index,
         message=message,
         logprobs=logprobs,
         finish_reason=_finish_reason(completion.finish_reason, bool(calls)),
         stop_reason=completion.stop_reason,
     )
-    usage = UsageInfo.of(len(output.prompt_token_ids), len(completion.token_ids))
-    return ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=usage)
 
 
 # ---- what the request asks for --------------------------------------------------------------
-def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | ForcedToolCalls | None:
+def make_tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> ToolCallParser | ForcedToolCalls | None:
     """The parser for this request's tool calls, or None when its output is plain content (vLLM's rules)."""
     choice = request.effective_tool_choice
     if request.tool_choice not in (None, "none") and not request.tools:
@@ -118,7 +136,7 @@ def _tool_parser(request: ChatCompletionRequest, options: ServerOptions) -> Tool
     return TOOL_PARSERS[options.tool_call_parser]([t.model_dump() for t in request.tools])
 
 
-def _output_schema(request: ChatCompletionRequest) -> dict | None:
+def output_schema(request: ChatCompletionRequest) -> dict | None:
     """The JSON schema the output is held to (constrained decoding), or None for free text."""
     choice = request.effective_tool_choice
     fmt = request.response_format
@@ -141,7 +159,7 @@ def _output_schema(request: ChatCompletionRequest) -> dict | None:
     return schema
 
 
-async def _grammar_processor(grammars: GrammarCompiler | None, schema: dict) -> GrammarLogitsProcessor:
+async def compile_grammar(grammars: GrammarCompiler | None, schema: dict):
     if grammars is None or not xgrammar_available():
         raise APIError(
             400,
@@ -151,11 +169,10 @@ async def _grammar_processor(grammars: GrammarCompiler | None, schema: dict) -> 
             code="unsupported_parameter",
         )
     # Compiling indexes the vocabulary the first time (seconds for a large one): not on the event loop.
-    compiled = await asyncio.to_thread(grammars.json_schema, schema)
-    return GrammarLogitsProcessor(compiled)
+    return await asyncio.to_thread(grammars.json_schema, schema)
 
 
-def _reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):
+def make_reasoning_parser(tokenizer, request: ChatCompletionRequest, options: ServerOptions, prompt_ids: list[int]):
     if options.reasoning_parser is None or (request.chat_template_kwargs or {}).get("enable_thinking") is False:
         return None
     # The last few prompt tokens tell whether the template opened a think block for the model.
@@ -245,37 +262,43 @@ def _template_message(message: dict, where: str) -> dict:
 
 # ---- streaming ------------------------------------------------------------------------------
 async def _stream_chunks(
-    stream: RequestStream, tokenizer, request: ChatCompletionRequest, model: str, parser: ReplyParser
+    choices: Choices, request_id: str, tokenizer, request: ChatCompletionRequest, model: str, parsers: list[ReplyParser]
 ) -> AsyncIterator[ChatCompletionStreamResponse]:
     def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None):
-        return ChatCompletionStreamResponse(id=stream.request_id, model=model, choices=choices, usage=usage)
+        return ChatCompletionStreamResponse(id=request_id, model=model, choices=choices, usage=usage)
 
-    # OpenAI opens every stream with the role and empty content, before any token exists.
-    yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
-    num_calls = 0
-    async for output in stream:
-        completion = output.outputs[0]
+    # OpenAI opens every choice's stream with the role and empty content, before any token exists.
+    for index in range(len(parsers)):
+        yield chunk([ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+    num_calls = [0] * len(parsers)
+    generated = [0] * len(parsers)
+    prompt_tokens = 0
+    async for index, output in choices.outputs():
+        completion, parser = output.outputs[0], parsers[index]
+        prompt_tokens, generated[index] = len(output.prompt_token_ids), len(completion.token_ids)
         reasoning, content, calls = parser.feed(output.delta_text)
         if output.finished:
             more_reasoning, more_content, more_calls = parser.finish()
             reasoning, content, calls = reasoning + more_reasoning, content + more_content, calls + more_calls
         if not (reasoning or content or calls or output.delta_logprobs or output.finished):
             continue  # text held back (partial character, stop string or tag)
+        first_call = num_calls[index]
         tool_calls = [
-            DeltaToolCall(index=num_calls + i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            DeltaToolCall(index=first_call + i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
             for i, c in enumerate(calls)
         ]
-        num_calls += len(calls)
+        num_calls[index] += len(calls)
         delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None, tool_calls=tool_calls or None)
         choice = ChatCompletionStreamChoice(
+            index=index,
             delta=delta,
             logprobs=_logprobs(tokenizer, output.delta_logprobs) if output.delta_logprobs is not None else None,
-            finish_reason=_finish_reason(completion.finish_reason, num_calls > 0),
+            finish_reason=_finish_reason(completion.finish_reason, num_calls[index] > 0),
             stop_reason=completion.stop_reason,
         )
         yield chunk([choice])
-        if output.finished and request.include_usage:
-            yield chunk([], UsageInfo.of(len(output.prompt_token_ids), len(completion.token_ids)))
+    if request.include_usage:  # once, after every choice finished: the prompt once, all choices' tokens
+        yield chunk([], UsageInfo.of(prompt_tokens, sum(generated)))
 
 
 def _logprobs(tokenizer, entries: list[TokenLogprobs]) -> ChatCompletionLogProbs:

@@ -25,10 +25,15 @@ class ServerOptions:
 
     def __post_init__(self):
         self.max_request_body_size = parse_bytes(self.max_request_body_size)
+        unknown = []  # both parsers in one message, as recipes often name both
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
-            raise ConfigError(f"--reasoning-parser {self.reasoning_parser!r}: choose {', '.join(REASONING_PARSERS)}")
+            unknown.append(f"--reasoning-parser {self.reasoning_parser}: fp4serve has no such reasoning parser "
+                           f"(it has {', '.join(REASONING_PARSERS)})")  # fmt: skip
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
-            raise ConfigError(f"--tool-call-parser {self.tool_call_parser!r}: choose {', '.join(TOOL_PARSERS)}")
+            unknown.append(f"--tool-call-parser {self.tool_call_parser}: fp4serve has no such tool-call parser "
+                           f"(it has {', '.join(TOOL_PARSERS)})")  # fmt: skip
+        if unknown:
+            raise ConfigError("; ".join(unknown))
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ConfigError("--enable-auto-tool-choice requires --tool-call-parser")
         if self.max_queue is not None and self.max_queue < 1:

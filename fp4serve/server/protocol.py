@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -152,15 +152,14 @@ class ModelList(OpenAIModel):
 # being ignored like truly unknown fields: a client relying on them must not get a silent wrong answer.
 UNSUPPORTED_FIELDS = {
     "logit_bias": "logit_bias is not supported",
-    "best_of": "best_of is not supported; send separate requests",
-    "echo": "echo is not supported",
+    # Ranking best_of candidates by cumulative logprob is not implemented; vLLM V1 refuses it too.
+    "best_of": "best_of is not supported (use n, which returns every choice)",
     "suffix": "suffix (insertion) is not supported",
     "functions": "functions/function_call are deprecated by OpenAI and not supported; use tools",
     "function_call": "functions/function_call are deprecated by OpenAI and not supported; use tools",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not supported",
-    "prompt_logprobs": "prompt_logprobs is not supported",
     "guided_json": "constrained decoding (guided_*) is not supported yet",
     "guided_regex": "constrained decoding (guided_*) is not supported yet",
     "guided_choice": "constrained decoding (guided_*) is not supported yet",
@@ -182,11 +181,13 @@ class SamplingRequest(RequestModel):
     """Fields common to /v1/completions and /v1/chat/completions. A sampling field left out (None)
     takes the model's generation_config default, then SamplingParams' own."""
 
+    unsupported_fields: ClassVar[dict[str, str]] = UNSUPPORTED_FIELDS
+
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data):
         if isinstance(data, dict):
-            for name, reason in UNSUPPORTED_FIELDS.items():
+            for name, reason in cls.unsupported_fields.items():
                 if data.get(name) not in (None, False, 0, "", [], {}):
                     raise APIError(400, f"{reason} by fp4serve", param=name, code="unsupported_parameter")
             if data.get("modalities") not in (None, ["text"]):
@@ -212,6 +213,7 @@ class SamplingRequest(RequestModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension; 0..20 (SamplingParams checks the range)
 
     @property
     def include_usage(self) -> bool:
@@ -223,6 +225,12 @@ class SamplingRequest(RequestModel):
     def requested_logprobs(self) -> int | None:
         """How many alternatives to return with each token; None: no logprobs."""
         return None
+
+    def requested_prompt_logprobs(self) -> int | None:
+        """vLLM's rule: prompt logprobs come only with the whole answer (0 asks for nothing to return)."""
+        if self.stream and self.prompt_logprobs:
+            raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+        return None if self.stream else self.prompt_logprobs
 
     def to_sampling_params(self, prompt_len: int, max_model_len: int, defaults: dict) -> SamplingParams:
         max_tokens = self.requested_max_tokens()
@@ -247,6 +255,7 @@ class SamplingRequest(RequestModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=self.requested_logprobs(),
+            prompt_logprobs=self.requested_prompt_logprobs(),
         )
 
 
@@ -273,9 +282,40 @@ def check_context_length(prompt_len: int, max_tokens: int | None, max_model_len:
 class CompletionRequest(SamplingRequest):
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     logprobs: int | None = None
+    echo: bool = False
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts, one or a list of them (strings or token-id lists), in order."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str | list):
+            return list(self.prompt)
+        return [self.prompt]
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_list())
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_max_tokens(self) -> int | None:
+        # echo with max_tokens 0 returns the prompt alone: the engine still samples one token
+        # (every request does), which the answer leaves out (vLLM's way).
+        return 1 if self.echo and self.max_tokens == 0 else self.max_tokens
+
+    def requested_prompt_logprobs(self) -> int | None:
+        # echo with logprobs puts the prompt tokens' logprobs first: they are computed too (vLLM's rule).
+        prompt_logprobs = super().requested_prompt_logprobs()
+        if prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return prompt_logprobs
+
+
+class PromptLogprob(OpenAIModel):
+    """vLLM's Logprob, as its prompt_logprobs carry it."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -291,6 +331,7 @@ class CompletionChoice(OpenAIModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's extension: the stop string or token id that ended it
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # vLLM's, with prompt_logprobs
 
 
 class CompletionResponse(OpenAIModel):
@@ -362,6 +403,10 @@ class ResponseFormat(RequestModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    # vLLM's chat `echo` repeats the last message; fp4serve does not implement it.
+    unsupported_fields: ClassVar[dict[str, str]] = UNSUPPORTED_FIELDS | {
+        "echo": "echo is not supported for chat completions"
+    }
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -441,6 +486,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # vLLM's: one prompt, so once per response
 
 
 class DeltaMessage(OpenAIModel):

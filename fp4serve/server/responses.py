@@ -14,14 +14,14 @@ import time
 from collections.abc import AsyncIterator
 
 from fp4serve.engine.async_engine import AsyncEngine, RequestStream
-from fp4serve.engine.grammar import GrammarCompiler
+from fp4serve.engine.grammar import GrammarCompiler, GrammarLogitsProcessor
 from fp4serve.server.chat import (
     ReplyParser,
-    _grammar_processor,
-    _output_schema,
-    _reasoning_parser,
-    _tool_parser,
     apply_chat_template,
+    compile_grammar,
+    make_reasoning_parser,
+    make_tool_parser,
+    output_schema,
 )
 from fp4serve.server.options import ServerOptions
 from fp4serve.server.prompt_work import PromptWork, chat_length
@@ -56,16 +56,16 @@ async def create_response(
                            param="previous_response_id", code="previous_response_not_found")  # fmt: skip
     new_items = [MessageItem(role="user", content=request.input)] if isinstance(request.input, str) else request.input
     chat = _as_chat_request(request, previous, new_items)
-    tool_parser = _tool_parser(chat, options)
-    schema = _output_schema(chat)
+    tool_parser = make_tool_parser(chat, options)
+    schema = output_schema(chat)
     work.check_length(chat_length(chat), "input")
     prompt_ids = await work.run(apply_chat_template, engine.tokenizer, chat)
     params = chat.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
     reasoning = None
     if schema is not None:  # the whole output is JSON: no room for a <think> block
-        params.logits_processors = [await _grammar_processor(grammars, schema)]
+        params.logits_processors = [GrammarLogitsProcessor(await compile_grammar(grammars, schema))]
     else:
-        reasoning = _reasoning_parser(engine.tokenizer, chat, options, prompt_ids)
+        reasoning = make_reasoning_parser(engine.tokenizer, chat, options, prompt_ids)
     response = ResponseObject(
         model=model,
         instructions=request.instructions,

@@ -62,7 +62,7 @@ def server(live, caplog):
 
 # ---- schemathesis -------------------------------------------------------------------------------
 # positive_data_acceptance is left out: schema-valid requests the server rightly refuses exist
-# (an id past the vocabulary, n=2, tool_choice without tools), and the schema cannot say so.
+# (an id past the vocabulary, n past the choice bound, tool_choice without tools), and the schema cannot say so.
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,

@@ -219,7 +219,8 @@ def assert_openai_error(error: openai.APIStatusError, status: int, words: str) -
 @pytest.mark.parametrize(
     "request_args, status, words",
     [
-        ({"n": 2}, 400, "n=2"),
+        ({"n": 0}, 400, "n must be in [1, 1024], got 0"),
+        ({"extra_body": {"echo": True}}, 400, "echo is not supported for chat completions"),
         ({"model": "no-such-model"}, 404, "does not exist"),
         ({"temperature": -1}, 400, "temperature"),
         ({"max_tokens": MAX_MODEL_LEN}, 400, f"This model's maximum context length is {MAX_MODEL_LEN} tokens."),

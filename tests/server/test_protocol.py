@@ -211,9 +211,15 @@ def test_ignored_and_accepted_fields(app):
 
 def test_completions_bad_requests(app):
     post = lambda body: call(app, "POST", "/v1/completions", json={"model": "tiny"} | body)
-    assert_error(post({"prompt": "w1", "echo": True}), 400, "echo is not supported", "echo")
+    assert_error(chat(app, echo=True), 400, "echo is not supported for chat completions", "echo")
     assert_error(post({"prompt": "w1", "best_of": 3}), 400, "best_of", "best_of")
-    assert_error(post({"prompt": ["w1", "w2"]}), 400, "one prompt per request", "prompt")
+    assert_error(post({"prompt": [[5, 6], []]}), 400, "empty", "prompt[1]")
+    assert_error(post({"prompt": ["w1"] * 600, "n": 2}), 400, "1200 choices (600 prompts x n=2)", "prompt")
+    assert_error(post({"prompt": "w1", "n": 1025}), 400, "n must be in [1, 1024]", "n")
+    assert_error(post({"prompt": "w1", "max_tokens": 0}), 400, "max_tokens must be in [1", "max_tokens")
+    assert_error(post({"prompt": "w1", "prompt_logprobs": 1, "stream": True}), 400, "not available when stream",
+                 "prompt_logprobs")  # fmt: skip
+    assert_error(post({"prompt": "w1", "prompt_logprobs": 21}), 400, "prompt_logprobs must be in [0, 20]", "prompt_logprobs")
     assert_error(post({"prompt": []}), 400, "empty", "prompt")
     assert_error(post({"prompt": {"text": "w1"}}), 400, "prompt", "prompt")
     assert_error(post({"prompt": "w1", "model": "gpt-4"}), 404, "does not exist", "model")
@@ -285,6 +291,20 @@ def test_max_queue_does_not_count_requests_with_a_free_slot(async_engine, blocke
     app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
     responses = post_concurrently(app, async_engine, blocked_engine, 6, 2)
     assert [r.status_code for r in responses] == [200] * 8
+
+
+def test_max_queue_counts_each_choice(async_engine, monkeypatch):
+    """Each choice (prompts x n) is an engine request: one that could never fit the free slots and
+    the queue together is a 400; one that would overfill the queue now is a 503."""
+    monkeypatch.setattr(async_engine.engine.scheduler, "max_num_seqs", 1)
+    app = build_app(async_engine, ["tiny"], None, ServerOptions(max_queue=1))
+    post = lambda body: call(app, "POST", "/v1/completions", json={"prompt": "w1", "max_tokens": 1} | body)
+    assert_error(post({"n": 3}), 400, "with --max-queue 1 and --max-num-seqs 1 the server takes at most 2", "n")
+    assert_error(post({"prompt": ["w1", "w2", "w3"]}), 400, "asks for 3 choices", "prompt")
+    monkeypatch.setattr(async_engine, "num_waiting", lambda: 1)  # one request already waits for the slot
+    assert_error(post({"n": 2}), 503, "requests are already waiting")
+    monkeypatch.undo()
+    assert post({"n": 2}).status_code == 200
 
 
 # ---- auth ---------------------------------------------------------------------------------------

@@ -236,3 +236,37 @@ def stream_chat(chunks) -> tuple[str, str | None, list]:
             calls += choice.delta.tool_calls or []
             finish = choice.finish_reason or finish
     return content, finish, calls
+
+
+def test_each_choice_parses_its_own_reasoning_and_tool_calls(say, client):
+    """n = 3: every choice runs its own reasoning and tool-call parsers (they keep state), whole and streamed."""
+    call = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    say(f"Look it up.\n</think>\n\n<tool_call>\n{json.dumps(call)}\n</tool_call>")
+    args = {"model": "scripted", "messages": MESSAGES, "tools": [WEATHER_TOOL], "max_tokens": 200, "n": 3}
+    whole = client.chat.completions.create(**args)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.model_extra["reasoning_content"] == "Look it up.\n"
+        calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+        assert calls == [("get_weather", {"city": "Oslo"})]
+    per_choice: dict[int, list] = {}
+    for chunk in client.chat.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            per_choice.setdefault(choice.index, []).append(choice)
+    assert sorted(per_choice) == [0, 1, 2]
+    for parts in per_choice.values():
+        reasoning = "".join((p.delta.model_extra or {}).get("reasoning_content") or "" for p in parts)
+        calls = [c for p in parts for c in p.delta.tool_calls or []]
+        assert reasoning == "Look it up.\n" and [(c.index, c.function.name) for c in calls] == [(0, "get_weather")]
+        assert parts[-1].finish_reason == "tool_calls"
+
+
+@needs_xgrammar
+def test_each_choice_has_its_own_grammar(live, client):
+    args = {"model": "scripted", "messages": MESSAGES, "max_tokens": 100, "temperature": 1.0, "seed": 4, "n": 3,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST}}}  # fmt: skip
+    for choice in client.chat.completions.create(**args).choices:
+        assert choice.finish_reason == "stop"
+        assert_forecast(json.loads(choice.message.content))
+    live.wait_idle()

@@ -55,8 +55,12 @@ def test_inconsistent_server_options(served, capsys):
         main(["serve", "--enable-auto-tool-choice"])
     assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["serve", "--tool-call-parser", "pythonic"])  # not one of ours: argparse lists the choices
-    assert "invalid choice: 'pythonic'" in capsys.readouterr().err
+        main(["serve", "--tool-call-parser", "pythonic"])  # not one of ours: the message lists them
+    err = capsys.readouterr().err
+    assert "--tool-call-parser pythonic: fp4serve has no such tool-call parser (it has hermes, " in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--reasoning-parser", "deepseek_r1"])
+    assert "--reasoning-parser deepseek_r1: fp4serve has no such reasoning parser (it has qwen3)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--max-queue must be >= 1"):
         ServerOptions(max_queue=0)
     assert not served

@@ -96,7 +96,7 @@ RECIPES = {
 }  # fmt: skip
 # Gemma 4 is not a model fp4serve serves, and it has no gemma4 reasoning or tool-call parser:
 # that recipe is refused on those values (clearly, by name), never started with the wrong parsers.
-REFUSED_RECIPES = {"gemma-dflash": "argument --tool-call-parser: invalid choice: 'gemma4'"}
+REFUSED_RECIPES = {"gemma-dflash": "--tool-call-parser gemma4: fp4serve has no such tool-call parser"}
 # The flags fp4serve takes without vLLM's effect, each logged by vllm_flag_notes.
 NOTED_FLAGS = ("--attention-backend", "--linear-backend", "--moe-backend", "--mm-encoder-tp-mode")
 
