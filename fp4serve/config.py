@@ -28,7 +28,8 @@ QUANTIZATIONS = ("modelopt", "compressed-tensors", "nvfp4")
 NVFP4_COMPUTES = ("auto", "w4a16", "w4a4")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4")
 GENERATION_CONFIGS = ("auto", "vllm")
-MAMBA_CACHE_MODES = ("none", "all", "align")  # vLLM's; fp4serve behaves as "none" for each (vllm_compat.py)
+MAMBA_CACHE_MODES = ("none", "all", "align")  # vLLM's; what each does here: docs/prefix_caching.md
+DEFAULT_MAMBA_BLOCK_SIZE = 256  # tokens between prefill GDN snapshots (rounded up to a multiple of --block-size)
 _UNITS = {
     "": 1, "b": 1,
     "k": 1e3, "kb": 1e3, "kib": 2**10,
@@ -145,11 +146,20 @@ class EngineConfig:
     mm_encoder_tp_mode: str | None = engine_arg(None, "accepted and logged: no vision encoder is served")
     mamba_cache_mode: str | None = engine_arg(
         None,
-        "accepted and logged: prefix caching of GDN state is not implemented yet (one state per sequence)",
+        "GDN state snapshots for prefix caching on hybrid models: align (default) at every --mamba-block-size "
+        "tokens of prefill, a prompt's last block and a request's latest block; all: also keeps every decode "
+        "snapshot; none: no snapshots, so no prefix hits on hybrid models",
         choices=MAMBA_CACHE_MODES,
     )
     mamba_block_size: int | None = engine_arg(
-        None, "accepted and logged: GDN state is kept per sequence, not per block"
+        None,
+        f"tokens between GDN snapshots in prefill, a multiple of --block-size "
+        f"(default: {DEFAULT_MAMBA_BLOCK_SIZE}, rounded up to one)",
+    )
+    gdn_snapshot_fraction: float = engine_arg(
+        0.25,
+        "hybrid models with prefix caching: the share of --kv-cache-memory (after the per-sequence GDN state) "
+        "given to GDN snapshots",
     )
 
     @classmethod
@@ -199,6 +209,15 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.mamba_block_size is None:
+            self.mamba_block_size = -(-DEFAULT_MAMBA_BLOCK_SIZE // self.block_size) * self.block_size
+        elif self.mamba_block_size < 1 or self.mamba_block_size % self.block_size:
+            raise ConfigError(
+                f"--mamba-block-size {self.mamba_block_size} must be a positive multiple of --block-size "
+                f"{self.block_size}"
+            )
+        if not 0 <= self.gdn_snapshot_fraction < 1:
+            raise ConfigError(f"--gdn-snapshot-fraction {self.gdn_snapshot_fraction}: give a fraction in [0, 1)")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -33,14 +33,4 @@ def vllm_flag_notes(config: EngineConfig) -> list[str]:
             f"--mm-encoder-tp-mode {config.mm_encoder_tp_mode}: not applicable; fp4serve serves the text path "
             "only and loads no vision encoder"
         )
-    if config.mamba_cache_mode is not None:
-        notes.append(
-            f"--mamba-cache-mode {config.mamba_cache_mode}: accepted with no effect; fp4serve keeps one GDN state "
-            "per sequence, and prefix caching for hybrid (GDN) models is not implemented yet, so it is off for them"
-        )
-    if config.mamba_block_size is not None:
-        notes.append(
-            f"--mamba-block-size {config.mamba_block_size}: accepted with no effect; GDN state is kept per "
-            "sequence, not per block (prefix caching for hybrid models is not implemented yet)"
-        )
     return notes

@@ -2,28 +2,44 @@
 
 A full block's hash covers its tokens and, through its parent's hash, every token before it, so
 equal hashes mean equal prefixes. A freed block keeps its hash and stays findable until it is
-reused: free blocks form one LRU queue; allocation takes the oldest and forgets its hash then."""
+reused: free blocks form one LRU queue; allocation takes the oldest and forgets its hash then.
+On hybrid models the pool also owns the GDN snapshot index (snapshot_pool.py): a snapshot is keyed
+by the hash of the block that ends at its position, and goes when that block is evicted."""
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
+from fp4serve.engine.snapshot_pool import SnapshotPool
 from fp4serve.errors import ConfigError
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def block_hash(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """BLAKE2b-256 of the parent's digest and the tokens as int64: collision resistant, so one
+    prompt can never be served another's cache (Python's 64-bit hash() could be made to collide).
+    About 1 us per 16-token block on one CPU core."""
+    digest = hashlib.blake2b(parent or b"", digest_size=32)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool, snapshots: SnapshotPool | None = None
+    ):
         if num_blocks < 1:
             raise ConfigError("the KV cache holds no block: raise --kv-cache-memory")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        # The token after each hashed block in the sequence that filled it (None: not known yet): a
+        # drafter whose cache row at a position depends on the next token (MTP) checks it on a hit.
+        self.next_token: list[int | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
+        self.snapshots = snapshots
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hits = 0
         self.queries = 0
@@ -43,7 +59,10 @@ class BlockPool:
             block, _ = self.free.popitem(last=False)
             if self.hash_of[block] is not None:  # evict: its cached content is about to be overwritten
                 del self.cached[self.hash_of[block]]
+                if self.snapshots is not None:
+                    self.snapshots.drop(self.hash_of[block])
                 self.hash_of[block] = None
+                self.next_token[block] = None
             self.ref_count[block] = 1
             blocks.append(block)
         return blocks
@@ -57,7 +76,7 @@ class BlockPool:
             if self.ref_count[block] == 0:
                 self.free[block] = None
 
-    def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[bytes]]:
         """Cached blocks covering the longest prefix of token_ids within max_tokens, referenced
         for the caller, and the chain of hashes of those blocks."""
         if not self.enable_prefix_caching:
@@ -80,12 +99,21 @@ class BlockPool:
         self.hits += len(blocks)
         return blocks, hashes
 
-    def register_full_blocks(self, blocks: list[int], hashes: list[int], token_ids: list[int], num_committed: int) -> None:
-        """Hash every block of `blocks` now entirely filled with committed tokens. `hashes` is the
-        request's chain so far and grows in place."""
+    def unuse_hit(self, blocks: list[int]) -> None:
+        """Hand back blocks of a match_prefix result the caller cannot use (past the last GDN
+        snapshot of a hybrid model), uncounted as hits."""
+        self.hits -= len(blocks)
+        self.release(blocks[::-1])
+
+    def register_full_blocks(
+        self, blocks: list[int], hashes: list[bytes], token_ids: list[int], num_committed: int
+    ) -> None:
+        """Hash every block of `blocks` now entirely filled with committed tokens (token_ids must
+        hold them all). `hashes` is the request's chain so far and grows in place."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
+        assert num_committed <= len(token_ids), f"{num_committed} tokens committed but only {len(token_ids)} known"
         while (len(hashes) + 1) * bs <= num_committed:
             i = len(hashes)
             h = block_hash(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))
@@ -94,9 +122,13 @@ class BlockPool:
             if h not in self.cached:  # an identical block may already be cached: keep that one
                 self.cached[h] = block
                 self.hash_of[block] = h
+                self.next_token[block] = token_ids[(i + 1) * bs] if (i + 1) * bs < len(token_ids) else None
 
     def reset_prefix_cache(self) -> None:
         for block, h in enumerate(self.hash_of):
             if h is not None:
                 self.hash_of[block] = None
+                self.next_token[block] = None
         self.cached.clear()
+        if self.snapshots is not None:
+            self.snapshots.reset()

@@ -1,5 +1,6 @@
 """Allocates every cache a model declares: KV blocks for attention layers from one memory budget,
-and GDN state slots (one per concurrent sequence) for recurrent layers. Where the K/V scales of a
+and GDN state slots (one per concurrent sequence, then the prefix cache's snapshot slots) for
+recurrent layers. Where the K/V scales of a
 quantized cache come from is models/kv_scales.py's business."""
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ class CacheCapacity:
     num_blocks: int
     block_size: int
     kv_bytes_per_token: int
-    state_bytes: int
+    state_bytes: int  # the per-sequence slots'
     num_state_slots: int
+    snapshot_bytes: int
+    num_snapshots: int  # GDN snapshot slots, numbered from num_state_slots on
     kv_format: KVCacheFormat
     baseline_format: KVCacheFormat  # the model dtype: what `gain` compares with
     baseline_tokens: int  # tokens the same memory holds in baseline_format
@@ -57,12 +60,16 @@ def allocate_caches(
     device: torch.device,
     model_dtype: torch.dtype | None = None,
     max_tokens: int | None = None,
+    snapshot_fraction: float = 0.0,
+    max_snapshots: int = 0,
 ) -> CacheCapacity:
     """Binds cache tensors to each layer (see models/base.py cache_layers) and returns the capacity.
     State slots are sized first (they are per sequence, not per token); KV blocks take the rest.
     kv_format: the KV storage (a plain dtype is accepted for a 16/32-bit cache). max_tokens: the
     most tokens the scheduler can hold at once (max_num_seqs x (max_model_len + lookahead)); no
-    more blocks than those are allocated, however large the budget."""
+    more blocks than those are allocated, however large the budget. snapshot_fraction: the share
+    of the budget left after the sequences' state that goes to GDN snapshot slots, max_snapshots
+    of them at most."""
     if isinstance(kv_format, torch.dtype):
         kv_format = KVCacheFormat.plain(kv_format)
     baseline = KVCacheFormat.plain(model_dtype) if model_dtype is not None else kv_format
@@ -73,7 +80,8 @@ def allocate_caches(
     formats = {m: kv_format if isinstance(m, PagedAttention) else baseline for m in kv_layers}
     for head_dim in sorted({m.cache_spec().head_dim for m in kv_layers if formats[m] is kv_format}):
         kv_format.check_head_dim(head_dim)
-    state_bytes = sum(m.cache_spec().bytes_per_slot() for m in state_layers) * num_state_slots
+    slot_bytes = sum(m.cache_spec().bytes_per_slot() for m in state_layers)
+    state_bytes = slot_bytes * num_state_slots
     kv_per_token = sum(m.cache_spec().bytes_per_token(formats[m]) for m in kv_layers)
     baseline_per_token = sum(m.cache_spec().bytes_per_token(baseline) for m in kv_layers)
     if state_bytes > memory_budget:
@@ -81,7 +89,10 @@ def allocate_caches(
             f"GDN state for {num_state_slots} sequences needs {state_bytes / 2**20:.1f} MiB, more than "
             f"--kv-cache-memory {memory_budget / 2**20:.1f} MiB: lower --max-num-seqs or raise the budget"
         )
-    kv_budget = memory_budget - state_bytes
+    num_snapshots = (
+        min(max_snapshots, int((memory_budget - state_bytes) * snapshot_fraction) // slot_bytes) if slot_bytes else 0
+    )
+    kv_budget = memory_budget - state_bytes - num_snapshots * slot_bytes
     num_blocks = kv_budget // (kv_per_token * block_size) if kv_layers else 0
     if max_tokens is not None:
         num_blocks = min(num_blocks, -(-max_tokens // block_size))
@@ -96,9 +107,11 @@ def allocate_caches(
             layer.bind_cache(k, v)
     for layer in state_layers:
         tensors = {
-            name: zeros((num_state_slots, *shape), dtype, device) for name, shape, dtype in layer.cache_spec().tensors
+            name: zeros((num_state_slots + num_snapshots, *shape), dtype, device)
+            for name, shape, dtype in layer.cache_spec().tensors
         }
         layer.bind_cache(**tensors)
     return CacheCapacity(
-        num_blocks, block_size, kv_per_token, state_bytes, num_state_slots, kv_format, baseline, baseline_tokens
-    )
+        num_blocks, block_size, kv_per_token, state_bytes, num_state_slots, num_snapshots * slot_bytes, num_snapshots,
+        kv_format, baseline, baseline_tokens,
+    )  # fmt: skip

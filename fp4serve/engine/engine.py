@@ -15,6 +15,7 @@ from fp4serve.engine.memory import device_memory, kv_cache_budget, weight_bytes
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner, StepOutput
 from fp4serve.engine.scheduler import Scheduler, SchedulerPlan
+from fp4serve.engine.snapshot_pool import SnapshotPool
 from fp4serve.engine.stats import EngineStats, PhaseTimer
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
@@ -147,9 +148,14 @@ class LLMEngine:
             weight_modules = [self.model, *(self.proposer.weight_modules() if self.proposer else [])]
             weights = weight_bytes(self.device, weight_modules)
         self.kv_cache_memory = kv_cache_budget(config, device_total, weights)
+        max_tokens = config.max_num_seqs * (self.max_model_len + lookahead)
+        mamba_mode = config.mamba_cache_mode or "align"
+        snapshots_wanted = hybrid and config.enable_prefix_caching and mamba_mode != "none"
         capacity = allocate_caches(
             layers, config.max_num_seqs if hybrid else 0, self.kv_cache_memory, config.block_size, kv_format,
-            self.device, self.dtype, max_tokens=config.max_num_seqs * (self.max_model_len + lookahead),
+            self.device, self.dtype, max_tokens=max_tokens,
+            snapshot_fraction=config.gdn_snapshot_fraction if snapshots_wanted else 0.0,
+            max_snapshots=max_tokens // config.mamba_block_size + config.max_num_seqs if snapshots_wanted else 0,
         )  # fmt: skip
         scales = kv_scale_source(layers, kv_format, config.calculate_kv_scales)
         declared = self.info.quant.kv_cache_algo if self.info.quant else None
@@ -169,14 +175,25 @@ class LLMEngine:
                 f"raise --kv-cache-memory (or --gpu-memory-utilization) or lower --max-model-len"
             )
         prefix_caching = config.enable_prefix_caching
-        if prefix_caching and hybrid:
-            log.info("prefix caching is off: this model has GDN (linear attention) layers, whose state is not cached yet")
+        snapshots = SnapshotPool(capacity.num_snapshots, capacity.num_state_slots) if capacity.num_snapshots else None
+        if prefix_caching and hybrid and snapshots is None:
+            why = "--mamba-cache-mode none" if mamba_mode == "none" else "no GDN snapshot fits the budget"
+            log.info("prefix caching is off: a hit on this hybrid model needs a GDN state snapshot (%s)", why)
             prefix_caching = False
-        self.block_pool = BlockPool(capacity.num_blocks, config.block_size, prefix_caching)
+        self.block_pool = BlockPool(capacity.num_blocks, config.block_size, prefix_caching, snapshots)
         self.scheduler = Scheduler(
             self.block_pool, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-            capacity.num_state_slots, self.eos_token_ids,
+            capacity.num_state_slots, self.eos_token_ids, mamba_block_size=config.mamba_block_size,
+            keep_every_snapshot=mamba_mode == "all",
+            drafter_lookahead=self.proposer.cache_lookahead if self.proposer else 0,
         )  # fmt: skip
+        if snapshots is not None:
+            log.info(
+                "prefix caching on a hybrid model: %d GDN snapshots (%.1f MiB, %.1f MiB each; --mamba-cache-mode %s, "
+                "prefill snapshots every %d tokens)",
+                capacity.num_snapshots, capacity.snapshot_bytes / 2**20,
+                capacity.snapshot_bytes / capacity.num_snapshots / 2**20, mamba_mode, config.mamba_block_size,
+            )  # fmt: skip
         log.info(
             "KV cache: %s, %s tokens (%.1fx of %s): %d blocks x %d tokens (%.1f KiB/token, %.1f MiB of a budget of "
             "%.1f MiB; sized for --max-num-seqs %d x --max-model-len %d at most), GDN state %.1f MiB for %d slots; "
@@ -341,6 +358,7 @@ class LLMEngine:
         for item, tokens in zip(plan.scheduled, new_tokens):
             if not item.request.status.finished:  # finished here: failed while drawing its tokens
                 self._guarded(item.request, "commit", outputs, self.scheduler.commit_one, item, tokens)
+        self.runner.save_snapshots(plan, step, self.scheduler.take_snapshot_jobs())
         for request, logprobs in zip(requests, logprob_lists):
             if request.status is RequestStatus.FINISHED_ERROR:
                 continue
@@ -416,13 +434,19 @@ class LLMEngine:
                 limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
             requests.append(request)
             limits.append(max(limit, 0))
-        # Rows of requests still running whose tokens are now committed (a prefill chunk's, or a
-        # verified request's last token and accepted drafts); finished requests' blocks are free.
-        rows = [
-            (item.request, i, item.num_tokens - item.num_drafts + num_accepted[i])
-            for i, item in enumerate(plan.scheduled)
-            if not item.request.status.finished
-        ]
+        # Rows whose tokens are now committed (a prefill chunk's, or a verified request's last token
+        # and accepted drafts), also of requests that finished this step: their blocks, released
+        # but not reused before the next schedule, may be hashed, and a prefix hit reads the
+        # drafter's cache there too. Rows past a stop string's truncation are not committed.
+        rows = []
+        for i, item in enumerate(plan.scheduled):
+            request = item.request
+            if request.status in (RequestStatus.FINISHED_ERROR, RequestStatus.FINISHED_ABORTED):
+                continue
+            start = step.batch.num_computed[i]
+            n = min(item.num_tokens - item.num_drafts + num_accepted[i], request.num_tokens - 1 - start)
+            if n > 0:
+                rows.append((request, i, n))
         committed = CommittedStep(step.batch, step.hidden, step.captures, rows)
         try:
             drafts = self.proposer.propose(requests, limits, committed, self.scheduler.reserve)

@@ -35,8 +35,12 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV / state is in the caches
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chain over committed full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # chain over committed full blocks
     state_slot: int | None = None
+    # Hybrid prefix caching: the GDN snapshot slot of this request's latest snapshot, held while it
+    # runs, and its position (engine/scheduler.py _take_snapshots).
+    held_snapshot: int | None = None
+    held_position: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     num_preemptions: int = 0
     logprobs: list | None = None  # TokenLogprobs per output token when params.logprobs is set

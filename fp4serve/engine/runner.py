@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fp4serve.engine.scheduler import SchedulerPlan
+from fp4serve.engine.scheduler import SchedulerPlan, SnapshotJob
 from fp4serve.forward_batch import ForwardBatch, SequenceRows, StepCaptures, build_batch
+from fp4serve.layers.cache_spec import StateSpec
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ModelRunner:
         self.device = device
         self.capture_layers = capture_layers
         self.calibrate_kv_scales = calibrate_kv_scales
+        self.state_layers = [m for m in model.cache_layers() if isinstance(m.cache_spec(), StateSpec)]
 
     def prepare(self, plan: SchedulerPlan) -> ForwardBatch:
         seqs = []
@@ -58,6 +60,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerPlan) -> StepOutput:
+        if plan.restores:  # prefix hits on a hybrid model: GDN state from the snapshot at the hit's end
+            for layer in self.state_layers:
+                layer.copy_slots([s for s, _ in plan.restores], [slot for _, slot in plan.restores])
         batch = self.prepare(plan)
         hidden = self.model(batch)
         sample_rows = [i for i, item in enumerate(plan.scheduled) if item.samples]
@@ -75,3 +80,23 @@ class ModelRunner:
         kept = {i: 1 + n for i, (k, n) in enumerate(zip(drafts, num_accepted)) if n < k}
         for layer, verified in step.captures.verified.items():
             layer.restore_verified(verified, kept)
+
+    @torch.inference_mode()
+    def save_snapshots(self, plan: SchedulerPlan, step: StepOutput, jobs: list[SnapshotJob]) -> None:
+        """After keep_accepted_state and the commit: fill the GDN snapshots the scheduler took, from
+        the sequence's slot (the state at the end of its committed tokens) or, for a verified
+        sequence, from the step's per-token captures."""
+        index = {id(item): i for i, item in enumerate(plan.scheduled)}
+        for layer in self.state_layers:
+            verified = step.captures.verified.get(layer, {})
+            sources, targets = [], []
+            for job in jobs:
+                i = index[id(job.item)]
+                if i in verified:
+                    layer.save_verified(verified[i], job.num_tokens, job.slot)
+                else:
+                    assert job.num_tokens == step.batch.query_lens[i], "a mid-step snapshot needs the step's captures"
+                    sources.append(int(step.batch.state_slots[i]))
+                    targets.append(job.slot)
+            if sources:
+                layer.copy_slots(sources, targets)

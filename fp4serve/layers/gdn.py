@@ -289,11 +289,21 @@ class GatedDeltaNet(nn.Module):
         """Put back the state after the first kept[i] tokens of verified sequence i (the last
         token and the accepted drafts): exactly the state had the rejected drafts never been seen.
         `verified` is this layer's entry of the step's captures."""
-        K = self.conv_kernel
         for i, n in kept.items():
-            record = verified[i]
-            self.conv_state[record.slot] = record.conv_inputs[n : n + K - 1].to(self.conv_state.dtype)
-            self.recurrent_state[record.slot] = record.states[n - 1]
+            self.save_verified(verified[i], n, verified[i].slot)
+
+    def save_verified(self, record: VerifiedStates, n: int, slot: int) -> None:
+        """Write the state after the first n tokens of a verified sequence's step into `slot`."""
+        K = self.conv_kernel
+        self.conv_state[slot] = record.conv_inputs[n : n + K - 1].to(self.conv_state.dtype)
+        self.recurrent_state[slot] = record.states[n - 1]
+
+    def copy_slots(self, sources: list[int], targets: list[int]) -> None:
+        """State slot sources[j] -> targets[j]: GDN snapshots in and out of sequence slots."""
+        src = torch.tensor(sources, device=self.conv_state.device)
+        dst = torch.tensor(targets, device=self.conv_state.device)
+        self.conv_state[dst] = self.conv_state[src]
+        self.recurrent_state[dst] = self.recurrent_state[src]
 
     @staticmethod
     def _read(cache: torch.Tensor, slots: torch.Tensor, fresh: list[bool]) -> torch.Tensor:

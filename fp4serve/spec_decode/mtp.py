@@ -18,6 +18,8 @@ from fp4serve.spec_decode.proposer import CommittedStep, Proposer, Reserve
 
 
 class MTPProposer(Proposer):
+    cache_lookahead = 1
+
     def __init__(self, model_dir: Path, target, calibrate_kv_scales: bool = False):
         self.head = Qwen3_5MTP.load(target, model_dir)
         self.calibrate_kv_scales = calibrate_kv_scales  # on the head's first pass
@@ -43,7 +45,8 @@ class MTPProposer(Proposer):
         for request, i, n in committed.rows:
             start = target.num_computed[i]
             # each row gets the token after it
-            seqs.append(SequenceRows(request.token_ids_in(start + 1, start + n + 1), start, request.block_ids))
+            blocks = request.block_ids or target.block_ids[i]  # a request finished this step released its own
+            seqs.append(SequenceRows(request.token_ids_in(start + 1, start + n + 1), start, blocks))
             rows += range(target.query_start[i], target.query_start[i] + n)
         device = target.input_ids.device
         calibrate, self.calibrate_kv_scales = self.calibrate_kv_scales, False

@@ -31,13 +31,18 @@ class CommittedStep:
     hidden: torch.Tensor  # [T, H] its final hidden states, every row
     captures: StepCaptures  # the layer outputs Proposer.capture_layers asked for
     # (request, its sequence index in batch, leading rows now committed) for each scheduled request
-    # still running: a prefill chunk's rows, or a verified request's last token and accepted drafts.
+    # still running or finished this step: a prefill chunk's rows, or a verified request's last
+    # token and accepted drafts. A finished request has released its blocks (request.block_ids is
+    # empty); batch.block_ids still names them, and they are not reused before the next step.
     rows: list[tuple[object, int, int]]
 
 
 class Proposer(ABC):
     # Target decoder layers whose outputs propose() reads from committed.captures.hidden.
     capture_layers: tuple[int, ...] = ()
+    # How many tokens past a position the drafter's cache row there depends on (MTP's row t reads
+    # token t + 1): a prefix-cache hit must match that many tokens beyond its end.
+    cache_lookahead: int = 0
 
     def cache_layers(self) -> list[nn.Module]:
         """The drafter's attention layers: their KV shares the target's blocks and block tables."""

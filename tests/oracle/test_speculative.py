@@ -61,6 +61,7 @@ def targets(tmp_path_factory):
 # 7 blocks of 16 tokens for prompts that grow to 32, 44 and 61 tokens.
 TIGHT = dict(dtype="float32", max_model_len=96, max_num_batched_tokens=24, max_num_seqs=4, block_size=16)
 KV_BLOCKS = 7
+SNAPSHOTS = 6
 
 
 def tight_llm(path, **kw) -> LLM:
@@ -75,8 +76,13 @@ def tight_llm(path, **kw) -> LLM:
     conv = (config.linear_conv_kernel_dim - 1) * (2 * config.linear_num_key_heads * config.linear_key_head_dim
                                                  + config.linear_num_value_heads * config.linear_value_head_dim) * 4
     recurrent = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
-    state = config.layer_types.count("linear_attention") * (conv + recurrent) * TIGHT["max_num_seqs"]
-    return LLM(str(path), **TIGHT, kv_cache_memory=state + KV_BLOCKS * TIGHT["block_size"] * kv_per_token, **kw)
+    slot = config.layer_types.count("linear_attention") * (conv + recurrent)
+    kv = KV_BLOCKS * TIGHT["block_size"] * kv_per_token
+    # Prefix caching (on by default) also holds SNAPSHOTS GDN snapshots of one slot's size each.
+    snapshots = SNAPSHOTS * slot if kw.get("enable_prefix_caching", True) else 0
+    fraction = snapshots / (kv + snapshots) * (1 + 1e-9)
+    return LLM(str(path), **TIGHT, kv_cache_memory=slot * TIGHT["max_num_seqs"] + kv + snapshots,
+               gdn_snapshot_fraction=fraction, **kw)  # fmt: skip
 
 
 class Planted:

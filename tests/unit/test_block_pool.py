@@ -379,3 +379,18 @@ BlockPoolMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestBlockPoolStateMachine = BlockPoolMachine.TestCase
+
+
+def test_block_hash_is_collision_resistant_and_covers_every_token():
+    """BLAKE2b-256 digests, not Python's 64-bit hash(): hash((None, (-1,))) == hash((None, (-2,)))
+    (CPython maps -1 to -2), yet the chain keys differ; changing any one token, or the parent,
+    changes the key."""
+    assert hash((None, (-1,))) == hash((None, (-2,)))
+    assert block_hash(None, (-1,)) != block_hash(None, (-2,))
+    tokens = (5, 6, 7, 8)
+    key = block_hash(None, tokens)
+    assert isinstance(key, bytes) and len(key) == 32
+    for i in range(len(tokens)):
+        changed = tokens[:i] + (tokens[i] + 1,) + tokens[i + 1 :]
+        assert block_hash(None, changed) != key, f"token {i} does not reach the key"
+    assert block_hash(key, tokens) != block_hash(block_hash(None, (5, 6, 7, 9)), tokens)

@@ -54,6 +54,7 @@ ENGINE_FLAGS = [
     (["--mm-encoder-tp-mode"], None),
     (["--mamba-cache-mode"], ["none", "all", "align"]),
     (["--mamba-block-size"], None),
+    (["--gdn-snapshot-fraction"], None),
 ]
 
 

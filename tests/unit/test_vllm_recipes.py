@@ -98,8 +98,7 @@ RECIPES = {
 # that recipe is refused on those values (clearly, by name), never started with the wrong parsers.
 REFUSED_RECIPES = {"gemma-dflash": "--tool-call-parser gemma4: fp4serve has no such tool-call parser"}
 # The flags fp4serve takes without vLLM's effect, each logged by vllm_flag_notes.
-NOTED_FLAGS = ("--attention-backend", "--linear-backend", "--moe-backend", "--mm-encoder-tp-mode",
-               "--mamba-cache-mode", "--mamba-block-size")  # fmt: skip
+NOTED_FLAGS = ("--attention-backend", "--linear-backend", "--moe-backend", "--mm-encoder-tp-mode")
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +184,8 @@ def test_a_recipe_serves_on_a_real_engine(target, served, caplog):
     [output] = llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=6))
     assert len(output.outputs[0].token_ids) == 6
     assert llm.engine.spec_config.method == "mtp" and llm.engine.kv_format.name.startswith("fp8")
-    assert "--mamba-cache-mode align: accepted with no effect" in caplog.text
-    assert "prefix caching for hybrid (GDN) models is not implemented yet" in caplog.text
+    assert "prefix caching on a hybrid model:" in caplog.text and "--mamba-cache-mode align" in caplog.text
+    assert llm.engine.block_pool.enable_prefix_caching and llm.engine.block_pool.snapshots.capacity > 0
 
 
 def test_gpu_memory_utilization_sizes_the_cache_from_available_ram(target, caplog, monkeypatch):
