@@ -30,7 +30,8 @@ MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, 
 
 def target_config(moe: bool, **overrides):
     t = transformers
-    return t.Qwen3_5MoeTextConfig(**TEXT, **MOE, **overrides) if moe else t.Qwen3_5TextConfig(**TEXT, **overrides)
+    fields = {**TEXT, **(MOE if moe else {}), **overrides}  # overrides may replace TEXT's sizes
+    return t.Qwen3_5MoeTextConfig(**fields) if moe else t.Qwen3_5TextConfig(**fields)
 
 
 def _randomize(module: nn.Module) -> None:
