@@ -51,7 +51,7 @@ class SoakConfig:
     abort_fraction: float = 0.05  # streamed turns closed after a few chunks
     disconnect_fraction: float = 0.03  # non-streaming turns whose client gives up after 0.2-1 s
     greedy_fraction: float = 0.5  # turns at temperature 0 (the others at 0.8)
-    replay_samples: int = 16  # T=0 turns replayed alone after the load
+    replay_samples: int = 16  # T=0 turns replayed alone after the load: the first that finished
     drain_timeout_s: float = 120.0
     seed: int = 0
 
@@ -168,7 +168,7 @@ async def _conversation(client, base_url, model, traffic, rng, deadline, report,
         finished[0] += 1
         if reply is None:
             return
-        if greedy and len(replays) < config.replay_samples and rng.random() < 0.3:
+        if greedy and len(replays) < config.replay_samples:  # the first ones that finish
             replays.append(_Turn([dict(m) for m in messages], body["max_tokens"], reply))
         messages.append({"role": "assistant", "content": reply})
 

@@ -22,7 +22,9 @@ def test_short_soak(smollm2_path, tmp_path):
     with LocalServer(serve, log_path=tmp_path / "server.log") as server:
         report = asyncio.run(run_soak(server.url, None, config, server_pid=server.pid))
     text = format_report(report, "short soak")
-    assert report.requests > 20 and report.aborts and report.disconnects, text
+    # Each client's turns are drawn from its own seeded generator, so the 16 first turns (which all
+    # start) are the same every run; with seed 3 they include an abort and a disconnect.
+    assert report.requests >= 16 and report.aborts and report.disconnects, text
     assert report.errors == [] and report.server_errors == 0, text
     assert not report.leaked and report.idle["running"] == 0 and report.idle["kv_usage"] == 0, text
     assert report.peak_rss_bytes and report.peak_rss_bytes > 2**20, text
