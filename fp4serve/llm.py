@@ -29,9 +29,10 @@ class LLM:
     def get_metrics(self) -> list:
         """vLLM's offline metrics call. Holds the speculative-decoding counters when drafting is on,
         in vLLM's shapes and names (metric_names.SPEC_DECODE_*): a Counter each for drafts, draft
-        tokens and accepted tokens, a Vector of accepted tokens per position."""
-        stats = self.engine.spec_stats
-        return spec_decode_metrics(stats) if stats is not None else []
+        tokens and accepted tokens, a Vector of accepted tokens per position; then fp4serve's recent
+        and running acceptance rates, a Gauge each labelled {"method": ...}."""
+        engine = self.engine
+        return spec_decode_metrics(engine.spec_stats, engine.acceptance_watch) if engine.spec_stats is not None else []
 
     def get_default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()

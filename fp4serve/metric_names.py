@@ -1,6 +1,6 @@
 """vLLM's metric names, written once: fp4serve exports them (server/metrics.py, LLM.get_metrics()) so
 that tools built for vLLM read fp4serve unchanged, and the benchmark reads them back from any server,
-vLLM included (bench/spec_metrics.py).
+vLLM included (bench/spec_metrics.py). A few gauges vLLM lacks are fp4serve's own, prefixed `fp4serve:`.
 
 These are the base names, as LLM.get_metrics() reports them and as prometheus_client's counter
 families take them; the Prometheus text format shows a counter's samples under `exposed_counter()`.
@@ -31,6 +31,13 @@ SPEC_DECODE_NUM_DRAFTS = "vllm:spec_decode_num_drafts"  # verification steps tha
 SPEC_DECODE_NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"  # draft tokens proposed
 SPEC_DECODE_NUM_ACCEPTED_TOKENS = "vllm:spec_decode_num_accepted_tokens"  # draft tokens accepted
 SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"  # accepted, label position
+
+# fp4serve's own gauges (vLLM has none for this), in vLLM's style under the fp4serve: prefix; exported only
+# while drafting is on, label method (spec_decode/acceptance_watch.py). NaN while a window holds no draft token.
+# accepted / draft tokens over the latest verifications holding 2000 draft tokens
+SPEC_DECODE_ACCEPTANCE_RATE_RECENT = "fp4serve:spec_decode_acceptance_rate_recent"
+# accepted / draft tokens over every verification since start that has left the recent window
+SPEC_DECODE_ACCEPTANCE_RATE_RUNNING = "fp4serve:spec_decode_acceptance_rate_running"
 
 
 def exposed_counter(name: str) -> str:

@@ -31,6 +31,7 @@ from fp4serve.sample.prompt_logprobs import record_prompt_logprobs
 from fp4serve.sample.sampler import SamplingRow, sample
 from fp4serve.sample.verify import verify
 from fp4serve.sampling_params import SamplingParams, is_int
+from fp4serve.spec_decode.acceptance_watch import AcceptanceWatch
 from fp4serve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from fp4serve.spec_decode.metrics import SpecDecodingLogger, SpecDecodingStats
 from fp4serve.spec_decode.proposer import CommittedStep, Proposer, make_proposer
@@ -112,13 +113,16 @@ class LLMEngine:
             )
         self.kv_format = resolve_kv_cache_format(config.kv_cache_dtype, self.dtype)
         calibrate_kv_scales = config.calculate_kv_scales and self.kv_format.quantized
-        # Speculative decoding: counters read by the server's /metrics and LLM.get_metrics().
+        # Speculative decoding: counters and the acceptance watch, read by the server's /metrics and
+        # LLM.get_metrics(); both None when drafting is off.
         self.spec_stats: SpecDecodingStats | None = None
+        self.acceptance_watch: AcceptanceWatch | None = None
         self.proposer: Proposer | None = None
         if self.spec_config is not None:
             # before the caches: drafters have KV too
             self.proposer = make_proposer(self.spec_config, self.model, calibrate_kv_scales)
             self.spec_stats = SpecDecodingStats(self.spec_config.num_speculative_tokens)
+            self.acceptance_watch = AcceptanceWatch(self.spec_config.method)
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
             phases.done("drafter")
@@ -352,6 +356,8 @@ class LLMEngine:
             if drafts is not None:
                 num_accepted[i] = len(tokens) - 1
                 self.spec_stats.observe(len(drafts[n]), num_accepted[i])
+                self.acceptance_watch.observe(request.request_id, len(drafts[n]), num_accepted[i],
+                                              len(request.prompt_token_ids), request.params.greedy)  # fmt: skip
         if drafts is not None:
             self.runner.keep_accepted_state(step, num_accepted)
         before = {r.request_id: len(r.output_token_ids) for r in requests}

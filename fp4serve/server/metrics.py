@@ -14,16 +14,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from fp4serve import metric_names as names
 from fp4serve.engine.engine import LLMEngine
 from fp4serve.engine.stats import Histogram
-from fp4serve.spec_decode.metrics import Vector, spec_decode_metrics
+from fp4serve.spec_decode.acceptance_watch import WINDOW_DRAFT_TOKENS
+from fp4serve.spec_decode.metrics import Gauge, Vector, spec_decode_metrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# HELP lines of the counters that spec_decode_metrics() names and fills (LLM.get_metrics() has none).
+# HELP lines of the metrics that spec_decode_metrics() names and fills (LLM.get_metrics() has none).
 SPEC_DECODE_HELP = {
     names.SPEC_DECODE_NUM_DRAFTS: "Verification steps that carried drafts.",
     names.SPEC_DECODE_NUM_DRAFT_TOKENS: "Draft tokens proposed.",
     names.SPEC_DECODE_NUM_ACCEPTED_TOKENS: "Draft tokens accepted.",
     names.SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS: "Accepted draft tokens by position in the draft.",
+    names.SPEC_DECODE_ACCEPTANCE_RATE_RECENT: f"Accepted / draft tokens over the last {WINDOW_DRAFT_TOKENS} draft tokens.",
+    names.SPEC_DECODE_ACCEPTANCE_RATE_RUNNING: "Accepted / draft tokens since start, before the recent window.",
 }
 
 
@@ -64,6 +67,11 @@ class EngineCollector:
         family.add_metric(list(self.labels.values()), value)
         return family
 
+    def _labelled_gauge(self, name: str, doc: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=list(self.labels) + list(labels))
+        family.add_metric(list(self.labels.values()) + list(labels.values()), value)
+        return family
+
     def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
         family = CounterMetricFamily(name, doc, labels=list(self.labels))
         family.add_metric(list(self.labels.values()), value)
@@ -86,12 +94,14 @@ class EngineCollector:
         return family
 
     def _spec_decoding(self):
-        spec = self.engine.spec_stats
-        if spec is None:  # vLLM exports these only with speculative decoding on
+        engine = self.engine
+        if engine.spec_stats is None:  # vLLM exports these only with speculative decoding on
             return
-        for metric in spec_decode_metrics(spec):
+        for metric in spec_decode_metrics(engine.spec_stats, engine.acceptance_watch):
             doc = SPEC_DECODE_HELP[metric.name]
-            if isinstance(metric, Vector):
+            if isinstance(metric, Gauge):
+                yield self._labelled_gauge(metric.name, doc, metric.labels, metric.value)
+            elif isinstance(metric, Vector):
                 yield self._labelled_counter(metric.name, doc, "position", dict(enumerate(metric.values)))
             else:
                 yield self._counter(metric.name, doc, metric.value)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from fp4serve import metric_names as names
+from fp4serve.spec_decode.acceptance_watch import AcceptanceWatch
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,27 @@ class Vector:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def spec_decode_metrics(stats: SpecDecodingStats) -> list[Counter | Vector]:
-    """The counters under vLLM's metric names, for LLM.get_metrics() and the server's /metrics."""
+@dataclass
+class Gauge:
+    """One gauge, shaped like vllm.v1.metrics.reader.Gauge."""
+
+    name: str
+    value: float
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def spec_decode_metrics(stats: SpecDecodingStats, watch: AcceptanceWatch) -> list[Counter | Vector | Gauge]:
+    """The counters under vLLM's metric names, then the watch's recent and running acceptance rates
+    (fp4serve's own names, labelled with the drafter method), for LLM.get_metrics() and /metrics."""
+    recent, running = watch.rates()
+    method = {"method": watch.method}
     return [
         Counter(names.SPEC_DECODE_NUM_DRAFTS, stats.num_drafts),
         Counter(names.SPEC_DECODE_NUM_DRAFT_TOKENS, stats.num_draft_tokens),
         Counter(names.SPEC_DECODE_NUM_ACCEPTED_TOKENS, stats.num_accepted_tokens),
         Vector(names.SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS, list(stats.accepted_per_position)),
+        Gauge(names.SPEC_DECODE_ACCEPTANCE_RATE_RECENT, recent, method),
+        Gauge(names.SPEC_DECODE_ACCEPTANCE_RATE_RUNNING, running, method),
     ]
 
 

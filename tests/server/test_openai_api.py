@@ -509,7 +509,7 @@ def test_metrics_count_what_was_served(server, client):
     )
     assert after[("vllm:num_requests_running", ())] == after[("vllm:num_requests_waiting", ())] == 0
     assert after[("vllm:kv_cache_usage_perc", ())] == 0
-    assert not any(name.startswith("vllm:spec_decode") for name, _ in after)  # no drafting, no counters
+    assert not any(name.startswith(("vllm:spec_decode", "fp4serve:spec_decode")) for name, _ in after)  # no drafting
 
 
 def test_prefix_cache_metrics(server, client):
@@ -524,14 +524,19 @@ def test_prefix_cache_metrics(server, client):
 
 
 def test_spec_decoding_metrics(server, monkeypatch):
+    from fp4serve.spec_decode.acceptance_watch import AcceptanceWatch
     from fp4serve.spec_decode.metrics import SpecDecodingStats
 
-    spec = SpecDecodingStats(num_speculative_tokens=3)
-    spec.observe(3, 2)
-    spec.observe(3, 3)
-    spec.observe(2, 0)
+    spec, watch = SpecDecodingStats(num_speculative_tokens=3), AcceptanceWatch("mtp", window_draft_tokens=5)
+    for i, (drafted, accepted) in enumerate([(3, 2), (3, 3), (2, 0)]):
+        spec.observe(drafted, accepted)
+        watch.observe(f"r{i}", drafted, accepted, prompt_len=10, greedy=True)
     monkeypatch.setattr(server.engine, "spec_stats", spec)
+    monkeypatch.setattr(server.engine, "acceptance_watch", watch)
     samples = scrape(server)
+    # the window: the last verifications holding 5 draft tokens (3 + 0 of 5); before it, 2 of 3
+    assert samples[("fp4serve:spec_decode_acceptance_rate_recent", (("method", "mtp"),))] == 3 / 5
+    assert samples[("fp4serve:spec_decode_acceptance_rate_running", (("method", "mtp"),))] == 2 / 3
     assert samples[("vllm:spec_decode_num_drafts_total", ())] == 3
     assert samples[("vllm:spec_decode_num_draft_tokens_total", ())] == 8
     assert samples[("vllm:spec_decode_num_accepted_tokens_total", ())] == 5
