@@ -125,7 +125,7 @@ UNSUPPORTED_VLLM_FLAGS = {
     ("--swap-space",): "preempted requests are recomputed, never swapped",
     ("--enable-lora", "--lora-modules"): "LoRA adapters are not supported",
     ("--structured-outputs-config", "--guided-decoding-backend"): "constrained decoding is not supported",
-    ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "only the text path of models is served",
+    ("--mm-processor-kwargs",): "images are preprocessed as the checkpoint's preprocessor_config.json says",
     ("--load-format",): "fp4serve loads safetensors directories",
     ("--download-dir",): "fp4serve downloads nothing: it reads local directories and the Hugging Face cache",
     ("--tokenizer-mode",): "transformers' tokenizer is always used",

@@ -2,16 +2,23 @@
 
 A full block's hash covers its tokens and, through its parent's hash, every token before it, so
 equal hashes mean equal prefixes. A freed block keeps its hash and stays findable until it is
-reused: free blocks form one LRU queue; allocation takes the oldest and forgets its hash then."""
+reused: free blocks form one LRU queue; allocation takes the oldest and forgets its hash then.
+A block holding image tokens also hashes its images' digests (`extra_keys`, per block index): image
+placeholders are one repeated token id, whatever the image."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from fp4serve.errors import ConfigError
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def block_hash(parent: int | None, tokens: tuple[int, ...], extra: tuple[str, ...] = ()) -> int:
+    return hash((parent, tokens, extra)) if extra else hash((parent, tokens))
+
+
+def _extra(extra_keys: Sequence[tuple[str, ...]], block: int) -> tuple[str, ...]:
+    return extra_keys[block] if block < len(extra_keys) else ()
 
 
 class BlockPool:
@@ -57,7 +64,9 @@ class BlockPool:
             if self.ref_count[block] == 0:
                 self.free[block] = None
 
-    def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    def match_prefix(
+        self, token_ids: list[int], max_tokens: int, extra_keys: Sequence[tuple[str, ...]] = ()
+    ) -> tuple[list[int], list[int]]:
         """Cached blocks covering the longest prefix of token_ids within max_tokens, referenced
         for the caller, and the chain of hashes of those blocks."""
         if not self.enable_prefix_caching:
@@ -66,7 +75,7 @@ class BlockPool:
         parent = None
         bs = self.block_size
         for start in range(0, max_tokens - bs + 1, bs):
-            h = block_hash(parent, tuple(token_ids[start : start + bs]))
+            h = block_hash(parent, tuple(token_ids[start : start + bs]), _extra(extra_keys, start // bs))
             block = self.cached.get(h)
             if block is None:
                 break
@@ -80,7 +89,14 @@ class BlockPool:
         self.hits += len(blocks)
         return blocks, hashes
 
-    def register_full_blocks(self, blocks: list[int], hashes: list[int], token_ids: list[int], num_committed: int) -> None:
+    def register_full_blocks(
+        self,
+        blocks: list[int],
+        hashes: list[int],
+        token_ids: list[int],
+        num_committed: int,
+        extra_keys: Sequence[tuple[str, ...]] = (),
+    ) -> None:
         """Hash every block of `blocks` now entirely filled with committed tokens. `hashes` is the
         request's chain so far and grows in place."""
         if not self.enable_prefix_caching:
@@ -88,7 +104,7 @@ class BlockPool:
         bs = self.block_size
         while (len(hashes) + 1) * bs <= num_committed:
             i = len(hashes)
-            h = block_hash(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))
+            h = block_hash(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]), _extra(extra_keys, i))
             hashes.append(h)
             block = blocks[i]
             if h not in self.cached:  # an identical block may already be cached: keep that one

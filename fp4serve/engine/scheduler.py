@@ -144,7 +144,9 @@ class Scheduler:
         # Prompt logprobs need the logits of every prompt position: no hit at all (as vLLM).
         blocks, hashes = [], []
         if request.params.prompt_logprobs is None:
-            blocks, hashes = self.pool.match_prefix(request.all_token_ids, request.num_tokens - 1)
+            blocks, hashes = self.pool.match_prefix(
+                request.all_token_ids, request.num_tokens - 1, request.block_extra_keys
+            )
         computed = len(blocks) * self.block_size
         remaining = request.num_tokens - computed
         n = min(remaining, budget)
@@ -200,8 +202,9 @@ class Scheduler:
         bs = self.block_size
         if self.pool.enable_prefix_caching and (len(request.block_hashes) + 1) * bs <= request.num_computed_tokens:
             self.pool.register_full_blocks(
-                request.block_ids, request.block_hashes, request.all_token_ids, request.num_computed_tokens
-            )
+                request.block_ids, request.block_hashes, request.all_token_ids, request.num_computed_tokens,
+                request.block_extra_keys,
+            )  # fmt: skip
         for token in tokens:
             request.output_token_ids.append(token)
             if self._check_stop(request, token):
