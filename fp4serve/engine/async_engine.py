@@ -144,6 +144,19 @@ class AsyncEngine:
         return self.engine.default_sampling
 
     @property
+    def image_preprocessor(self):
+        """The model's image preprocessing (thread-safe: it keeps no state), None without image input."""
+        return self.engine.image_preprocessor
+
+    @property
+    def no_images_reason(self) -> str | None:
+        return self.engine.no_images_reason
+
+    @property
+    def image_limit(self) -> int | None:
+        return self.engine.config.image_limit()
+
+    @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 

@@ -27,7 +27,7 @@ from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
 from fp4serve.models.registry import model_class
 from fp4serve.multimodal.encoder_cache import EncoderCache
-from fp4serve.multimodal.image_processor import ImagePreprocessor
+from fp4serve.multimodal.image_processor import PREPROCESSOR_CONFIG, ImagePreprocessor
 from fp4serve.multimodal.inputs import ImageInput, MultimodalPrompt, expand_placeholders
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sample.prompt_logprobs import record_prompt_logprobs
@@ -216,6 +216,8 @@ class LLMEngine:
             return "the checkpoint's config.json says language_model_only (its vision tower was stripped)"
         if self.config.limit_mm_per_prompt.get("image", 1) == 0 and self.config.limit_mm_per_prompt.get("video", 0) == 0:
             return "--limit-mm-per-prompt allows no images"
+        if not (self.model_path / PREPROCESSOR_CONFIG).exists():
+            return f"the checkpoint has no {PREPROCESSOR_CONFIG}, which says how this model's images are preprocessed"
         return None
 
     # ---- requests ---------------------------------------------------------------------------

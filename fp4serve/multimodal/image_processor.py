@@ -14,6 +14,7 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 # Decoding is refused above this many pixels (read from the header, before any is decoded): a
 # small file can declare a huge canvas, and the processor shrinks large images anyway.
 MAX_DECODED_PIXELS = 64 * 2**20
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def decode_image(data: bytes, param: str | None = None):
@@ -35,22 +36,25 @@ def decode_image(data: bytes, param: str | None = None):
 
 
 class ImagePreprocessor:
-    """model_dir's image processor, checked against the vision tower it feeds (patch and merge size)."""
+    """model_dir's image processor (its preprocessor_config.json), checked against the vision tower it
+    feeds (patch and merge size)."""
 
     def __init__(self, model_dir: Path, vision_config):
         from transformers import AutoImageProcessor
 
-        if not (Path(model_dir) / "preprocessor_config.json").exists():
-            raise ConfigError(
-                f"{model_dir} has no preprocessor_config.json, which says how images are resized and normalized "
-                "for this model: add the checkpoint's own, or serve the text path only with --language-model-only"
-            )
         self.processor = AutoImageProcessor.from_pretrained(str(model_dir))
         theirs = (getattr(self.processor, "patch_size", None), getattr(self.processor, "merge_size", None))
         ours = (vision_config.patch_size, vision_config.spatial_merge_size)
         if theirs != ours:
-            raise ConfigError(f"{model_dir}/preprocessor_config.json makes patches of {theirs[0]} pixels merged "
+            raise ConfigError(f"{model_dir}/{PREPROCESSOR_CONFIG} makes patches of {theirs[0]} pixels merged "
                               f"{theirs[1]}x{theirs[1]}; the vision tower takes {ours[0]} and {ours[1]}")  # fmt: skip
+
+        self.merge = ours[1]
+
+    def num_tokens(self, image: ImageInput) -> int:
+        """The image's placeholder tokens in the prompt (one per merged block of patches)."""
+        t, h, w = image.grid
+        return t * h * w // self.merge**2
 
     def __call__(self, image) -> ImageInput:
         """A PIL image -> its patch rows and grid."""

@@ -1,0 +1,186 @@
+"""Images over the OpenAI API: the official openai client sends image_url parts (data: URLs, and an
+http URL served from 127.0.0.1 with that host allowed) to a live server on a tiny random Qwen3.5
+image-text model, and gets transformers' greedy tokens; bad images, hosts not allowed, too many
+images and video parts get a 400 naming the content part, and leave no request or block behind."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+
+import openai
+import pytest
+import torch
+from live_server import Server
+from transformers import AutoTokenizer
+from vision_checkpoints import IMAGE_PAD, hf_inputs, hf_processor, image_bytes, make_vision_model, random_image
+
+from fp4serve.config import EngineConfig
+from fp4serve.engine.engine import LLMEngine
+from fp4serve.errors import InvalidRequestError
+from fp4serve.sampling_params import SamplingParams
+from fp4serve.server.options import ServerOptions
+
+IMAGE = random_image(40, 24, 1)
+OTHER = random_image(24, 32, 2)
+
+
+def data_url(image, fmt="PNG") -> str:
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(image_bytes(image, fmt)).decode()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vl-server")
+    return path, make_vision_model(path)
+
+
+@pytest.fixture(scope="module")
+def files():
+    """A local http server with one PNG at /cat.png."""
+    body = image_bytes(IMAGE)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/cat.png":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    path, _ = model
+    config = EngineConfig(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory="8MiB",
+                          limit_mm_per_prompt={"image": 2})  # fmt: skip
+    server = Server(LLMEngine(config), ["vl"], None, ServerOptions(allowed_media_domains=("127.0.0.1",)))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(live):
+    yield openai.OpenAI(base_url=live.url, api_key="none", max_retries=0, timeout=60)
+    live.wait_idle()
+
+
+def expected_reply(path, hf, images, text: str, max_tokens: int) -> str:
+    """transformers' greedy reply to one user turn of `images` then `text`."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)  # fmt: skip
+    grids = hf_processor()(images=images, return_tensors="pt")["image_grid_thw"].tolist()
+    expanded, grid_iter = [], iter(grids)
+    for t in ids:
+        if t == IMAGE_PAD:
+            t_, h, w = next(grid_iter)
+            expanded += [IMAGE_PAD] * (t_ * h * w // 4)
+        else:
+            expanded.append(t)
+    with torch.inference_mode():
+        out = hf.generate(**hf_inputs(expanded, images), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)  # fmt: skip
+    return tokenizer.decode(out[0, len(expanded) :], skip_special_tokens=True)
+
+
+def ask(client, parts, max_tokens=8):
+    messages = [{"role": "user", "content": parts}]
+    return client.chat.completions.create(model="vl", messages=messages, max_tokens=max_tokens, temperature=0,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_data_url_image_gets_transformers_tokens(client, model):
+    path, hf = model
+    reply = ask(client, [image_part(data_url(IMAGE)), {"type": "text", "text": "w5 w17"}])
+    assert reply.choices[0].message.content == expected_reply(path, hf, [IMAGE], "w5 w17", 8)
+    assert reply.usage.prompt_tokens > 15  # the image's 15 tokens are counted
+
+
+def test_two_images_jpeg_and_webp(client, model):
+    path, hf = model
+    parts = [image_part(data_url(IMAGE, "WEBP")), image_part(data_url(OTHER, "JPEG")), {"type": "text", "text": "w9"}]
+    from fp4serve.multimodal.image_processor import decode_image
+
+    decoded = [decode_image(image_bytes(IMAGE, "WEBP")), decode_image(image_bytes(OTHER, "JPEG"))]
+    assert ask(client, parts).choices[0].message.content == expected_reply(path, hf, decoded, "w9", 8)
+
+
+def test_other_image_other_reply(client):
+    a = ask(client, [image_part(data_url(IMAGE)), {"type": "text", "text": "w5 w17"}])
+    b = ask(client, [image_part(data_url(OTHER)), {"type": "text", "text": "w5 w17"}])
+    assert a.choices[0].message.content != b.choices[0].message.content
+
+
+def test_http_url_from_an_allowed_host(client, files):
+    by_url = ask(client, [image_part(f"{files}/cat.png"), {"type": "text", "text": "w5 w17"}])
+    inline = ask(client, [image_part(data_url(IMAGE)), {"type": "text", "text": "w5 w17"}])
+    assert by_url.choices[0].message.content == inline.choices[0].message.content
+
+
+def refused(client, parts) -> dict:
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, parts)
+    return info.value.body
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://localhost:9/cat.png", "--allowed-media-domains lists (127.0.0.1), not 'localhost'"),
+        ("file:///etc/passwd", "data: (base64) or http(s) URLs"),
+        ("data:image/png;base64,!!!not-base64", "not valid base64"),
+        ("data:image/png;base64," + base64.b64encode(b"GIF89a not a png").decode(), "is not a PNG, JPEG, WEBP file"),
+        ("data:text/plain;base64,aGVsbG8=", "media type 'text/plain'"),
+        ("data:image/png;base64," + base64.b64encode(image_bytes(IMAGE)[:60]).decode(), "cannot be decoded"),
+    ],
+)
+def test_bad_image_is_a_400_naming_the_part(client, url, message):
+    body = refused(client, [{"type": "text", "text": "w1"}, image_part(url)])
+    assert message in body["message"]
+    assert body["param"] == "messages[0].content[1]"
+
+
+def test_missing_file_on_an_allowed_host(client, files):
+    body = refused(client, [image_part(f"{files}/nothing.png")])
+    assert "HTTP 404" in body["message"] and body["param"] == "messages[0].content[0]"
+
+
+def test_too_many_images(client):
+    body = refused(client, [image_part(data_url(IMAGE))] * 3)
+    assert "3 images in one request; --limit-mm-per-prompt allows 2" in body["message"]
+    assert body["param"] == "messages[0].content[2]"
+
+
+def test_video_is_refused(client):
+    body = refused(client, [{"type": "video_url", "video_url": {"url": "http://127.0.0.1/v.mp4"}}])
+    assert "video input is not supported" in body["message"] and body["param"] == "messages[0].content[0]"
+
+
+def test_language_model_only_builds_no_tower_and_refuses_images(model):
+    path, _ = model
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_model_len=128, kv_cache_memory="2MiB",
+                                    language_model_only=True))  # fmt: skip
+    assert engine.model.visual is None and engine.image_preprocessor is None
+    assert not any(name.startswith("visual.") for name, _ in engine.model.named_parameters())
+    with pytest.raises(InvalidRequestError, match="takes no images: the server runs with --language-model-only"):
+        engine.add_request({"prompt_token_ids": [1, IMAGE_PAD, 2], "multi_modal_data": {"image": IMAGE}},
+                           SamplingParams(max_tokens=1))  # fmt: skip
+    assert not engine.requests
