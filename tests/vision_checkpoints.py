@@ -106,3 +106,23 @@ def hf_inputs(token_ids: list[int], images: list[Image.Image]) -> dict:
     if images:
         inputs.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
     return inputs
+
+
+def hf_chat_reply(path, hf, images, text: str, max_tokens: int) -> str:
+    """transformers' greedy reply to one user turn of `images` then `text`."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)  # fmt: skip
+    grids = hf_processor()(images=images, return_tensors="pt")["image_grid_thw"].tolist()
+    expanded, grid_iter = [], iter(grids)
+    for t in ids:
+        if t == IMAGE_PAD:
+            t_, h, w = next(grid_iter)
+            expanded += [IMAGE_PAD] * (t_ * h * w // 4)
+        else:
+            expanded.append(t)
+    with torch.inference_mode():
+        out = hf.generate(**hf_inputs(expanded, images), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)  # fmt: skip
+    return tokenizer.decode(out[0, len(expanded) :], skip_special_tokens=True)

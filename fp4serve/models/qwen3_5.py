@@ -170,14 +170,17 @@ class Qwen3_5ForCausalLM(CausalLM):
 class Qwen3_5ForConditionalGeneration(Qwen3_5ForCausalLM):
     """The image-text checkpoint. `config` is its text config (transformers ties lm_head by the
     top-level config's flag, which config.ModelInfo copies into the text config); vision_config
-    builds the tower at `visual` (checkpoint `model.visual.`), None serves the text path only
+    builds the tower (checkpoint `model.visual.`), None serves the text path only
     (--language-model-only) and drops the tower's tensors."""
-
-    checkpoint_renames = [("model.visual.", "visual."), ("model.language_model.", "model.")]
 
     def __init__(self, config, dtype: torch.dtype, vision_config=None, **kwargs):
         super().__init__(config, dtype, **kwargs)
-        self.visual = Qwen3_5VisionEncoder(vision_config) if vision_config is not None else None
+        # at model.visual, the checkpoint's own name, so errors name tensors as the files do
+        self.model.visual = Qwen3_5VisionEncoder(vision_config) if vision_config is not None else None
+
+    @property
+    def visual(self) -> Qwen3_5VisionEncoder | None:
+        return self.model.visual
 
     def load_plan(self) -> LoadPlan:
         plan = super().load_plan()

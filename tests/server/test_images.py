@@ -11,10 +11,8 @@ import threading
 
 import openai
 import pytest
-import torch
 from live_server import Server
-from transformers import AutoTokenizer
-from vision_checkpoints import IMAGE_PAD, hf_inputs, hf_processor, image_bytes, make_vision_model, random_image
+from vision_checkpoints import IMAGE_PAD, hf_chat_reply, image_bytes, make_vision_model, random_image
 
 from fp4serve.config import EngineConfig
 from fp4serve.engine.engine import LLMEngine
@@ -77,26 +75,6 @@ def client(live):
     live.wait_idle()
 
 
-def expected_reply(path, hf, images, text: str, max_tokens: int) -> str:
-    """transformers' greedy reply to one user turn of `images` then `text`."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)  # fmt: skip
-    grids = hf_processor()(images=images, return_tensors="pt")["image_grid_thw"].tolist()
-    expanded, grid_iter = [], iter(grids)
-    for t in ids:
-        if t == IMAGE_PAD:
-            t_, h, w = next(grid_iter)
-            expanded += [IMAGE_PAD] * (t_ * h * w // 4)
-        else:
-            expanded.append(t)
-    with torch.inference_mode():
-        out = hf.generate(**hf_inputs(expanded, images), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
-                          eos_token_id=None)  # fmt: skip
-    return tokenizer.decode(out[0, len(expanded) :], skip_special_tokens=True)
-
-
 def ask(client, parts, max_tokens=8):
     messages = [{"role": "user", "content": parts}]
     return client.chat.completions.create(model="vl", messages=messages, max_tokens=max_tokens, temperature=0,
@@ -110,7 +88,7 @@ def image_part(url: str) -> dict:
 def test_data_url_image_gets_transformers_tokens(client, model):
     path, hf = model
     reply = ask(client, [image_part(data_url(IMAGE)), {"type": "text", "text": "w5 w17"}])
-    assert reply.choices[0].message.content == expected_reply(path, hf, [IMAGE], "w5 w17", 8)
+    assert reply.choices[0].message.content == hf_chat_reply(path, hf, [IMAGE], "w5 w17", 8)
     assert reply.usage.prompt_tokens > 15  # the image's 15 tokens are counted
 
 
@@ -120,7 +98,7 @@ def test_two_images_jpeg_and_webp(client, model):
     from fp4serve.multimodal.image_processor import decode_image
 
     decoded = [decode_image(image_bytes(IMAGE, "WEBP")), decode_image(image_bytes(OTHER, "JPEG"))]
-    assert ask(client, parts).choices[0].message.content == expected_reply(path, hf, decoded, "w9", 8)
+    assert ask(client, parts).choices[0].message.content == hf_chat_reply(path, hf, decoded, "w9", 8)
 
 
 def test_other_image_other_reply(client):
