@@ -80,9 +80,11 @@ def main() -> None:
             cache.entries.clear()
             cache.rows = 0
             pictured.append(ttft(llm, with_image))
-    ms = lambda xs: f"{statistics.median(xs) * 1e3:8.1f} ms"  # noqa: E731
+    ms = lambda xs: f"{statistics.median(xs) * 1e3:8.1f} ms"
     grid = pixels.grid
-    print(f"448x448 image: grid {grid} patches -> {engine.model.visual.num_tokens(grid)} tokens; {args.threads} threads")
+    print(
+        f"448x448 image: grid {grid} patches -> {engine.model.visual.num_tokens(grid)} tokens; {args.threads} threads"
+    )
     print(f"preprocess (transformers' image processor)   {ms(preprocess)}")
     print(f"encode (vision tower, {VISION['depth']} blocks)               {ms(encode)}")
     print(f"TTFT, 32 text tokens                          {ms(plain)}")

@@ -100,7 +100,7 @@ class EngineConfig:
     )
     limit_mm_per_prompt: dict | str | None = engine_arg(
         None,
-        'JSON, e.g. \'{"image": 2}\': the most images one prompt may carry (default: as many as fit '
+        "JSON, e.g. '{\"image\": 2}': the most images one prompt may carry (default: as many as fit "
         "max_model_len); image and video 0 build no vision tower, as --language-model-only",
     )
     trust_remote_code: bool = engine_arg(False, "accepted for vLLM compatibility; no remote code runs")
@@ -157,7 +157,7 @@ class EngineConfig:
     )
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -226,9 +226,9 @@ def parse_mm_limits(value: dict | str | None) -> dict[str, int]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ConfigError(f'--limit-mm-per-prompt is not valid JSON: {e} (example: \'{{"image": 2}}\')') from e
+            raise ConfigError(f"--limit-mm-per-prompt is not valid JSON: {e} (example: '{{\"image\": 2}}')") from e
     if not isinstance(value, dict):
-        raise ConfigError('--limit-mm-per-prompt must be a JSON object, e.g. \'{"image": 2}\'')
+        raise ConfigError("--limit-mm-per-prompt must be a JSON object, e.g. '{\"image\": 2}'")
     for modality, count in value.items():
         if modality not in MM_MODALITIES:
             raise ConfigError(f"--limit-mm-per-prompt {modality!r}: fp4serve knows {', '.join(MM_MODALITIES)}")
@@ -248,7 +248,7 @@ class ModelInfo:
     quant: QuantConfig | None = None  # the checkpoint's own quantization (None: 16/32-bit weights)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelInfo":
+    def load(cls, path: str | Path) -> ModelInfo:
         from transformers import AutoConfig
 
         path = Path(path)

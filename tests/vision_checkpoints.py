@@ -61,9 +61,10 @@ def save_vision_tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
-def make_vision_model(path: Path, moe: bool = False, seed: int = 0):
+def make_vision_model(path: Path, moe: bool = False, seed: int = 0, mtp: bool = False):
     """A tiny Qwen3_5(Moe)ForConditionalGeneration saved by transformers into `path`, with tokenizer
-    and preprocessor_config.json; returns the fp32 transformers model."""
+    and preprocessor_config.json (mtp: and an MTP head, see spec_checkpoints); returns the fp32
+    transformers model."""
     t = transformers
     torch.manual_seed(seed)
     ids = {"image_token_id": IMAGE_PAD, "video_token_id": VIDEO_PAD, "vision_start_token_id": VISION_START,
@@ -76,6 +77,11 @@ def make_vision_model(path: Path, moe: bool = False, seed: int = 0):
     with torch.no_grad():  # a wide random tower, so a wrong patch order or position changes the output
         for p in hf.model.visual.parameters():
             p.normal_(0, 0.2)
+    if mtp:
+        from spec_checkpoints import hf_mtp_head
+
+        hf.config.text_config.mtp_num_hidden_layers = 1
+        hf.mtp = hf_mtp_head(hf.config.text_config, moe)
     hf = hf.float().eval()
     hf.save_pretrained(path)
     save_vision_tokenizer(path)
@@ -95,7 +101,9 @@ def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def hf_processor():
-    return transformers.Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items() if k != "image_processor_type"})
+    return transformers.Qwen2VLImageProcessorPil(
+        **{k: v for k, v in PREPROCESSOR.items() if k != "image_processor_type"}
+    )
 
 
 def hf_inputs(token_ids: list[int], images: list[Image.Image]) -> dict:

@@ -10,6 +10,7 @@ into one language-model embedding. Plain torch in the model dtype: NVFP4 checkpo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,13 @@ class VisionPatchEmbed(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.proj = nn.Module()
-        shape = (config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size, config.patch_size)
+        shape = (
+            config.hidden_size,
+            config.in_channels,
+            config.temporal_patch_size,
+            config.patch_size,
+            config.patch_size,
+        )
         self.proj.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.proj.bias = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
 
@@ -53,7 +60,7 @@ class VisionAttention(nn.Module):
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
         # Each image attends only to itself (bidirectionally): one attention call per image.
         out = torch.empty_like(q)
-        for start, end in zip(bounds, bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
             out[start:end] = F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1)
         return self.proj(out.reshape(T, -1))

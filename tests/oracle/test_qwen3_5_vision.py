@@ -48,7 +48,9 @@ class VisionHarness:
             for p in mm.images_in(start, end):  # the part of each image inside this chunk
                 lo, hi = max(p.offset, start), min(p.end, end)
                 rows.append((lo - start, embeds[p.offset][lo - p.offset : hi - p.offset]))
-            seq = SequenceRows(token_ids[start:end], start, list(range(16)), 0, 0, mm.mrope_rows(start, end), tuple(rows))
+            seq = SequenceRows(
+                token_ids[start:end], start, list(range(16)), 0, 0, mm.mrope_rows(start, end), tuple(rows)
+            )
             batch = build_batch([seq], BLOCK)
             with torch.inference_mode():
                 out.append(self.model.compute_logits(self.model(batch)))
@@ -95,7 +97,9 @@ def test_mrope_positions_match_get_rope_index(pair):
     ref, delta = hf.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
     assert torch.equal(mm.positions, ref[:, 0])
     assert mm.delta == int(delta)
-    assert torch.equal(mm.mrope_rows(len(ids) - 1, len(ids) + 2)[:, 1:], (torch.arange(2) + len(ids) + mm.delta).expand(3, 2))
+    assert torch.equal(
+        mm.mrope_rows(len(ids) - 1, len(ids) + 2)[:, 1:], (torch.arange(2) + len(ids) + mm.delta).expand(3, 2)
+    )
 
 
 @pytest.mark.parametrize("num_images", [1, 2])

@@ -8,14 +8,23 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
-from vision_checkpoints import IMAGE_PAD, VISION_END, VISION_START, hf_chat_reply, image_bytes, make_vision_model
-from vision_checkpoints import random_image
+from vision_checkpoints import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    hf_chat_reply,
+    image_bytes,
+    make_vision_model,
+    random_image,
+)
 
 from fp4serve import LLM, SamplingParams
 from fp4serve.chat_cli import TerminalChat
 from fp4serve.engine.block_pool import BlockPool
 from fp4serve.errors import CheckpointError, InvalidRequestError
+from fp4serve.layers.linear import Linear
 
 IMAGES = [random_image(40, 24, 1), random_image(40, 24, 2)]  # same size: same placeholder tokens
 PROMPT = [3, 4, 8, 9, VISION_START, IMAGE_PAD, VISION_END, 5, 6, 7]  # block 0 (4 tokens) is text only
@@ -58,7 +67,9 @@ def test_mis_nested_tower_is_refused_naming_tensors(model, tmp_path):
 def test_missing_vision_tensor_is_refused(model, tmp_path):
     path, _ = model
     broken = rewrite(path, tmp_path, lambda t: {k: v for k, v in t.items() if k != "model.visual.merger.norm.bias"})
-    with pytest.raises(CheckpointError, match=r"missing tensors.*model\.visual\.merger\.norm\.bias.*--language-model-only"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors.*model\.visual\.merger\.norm\.bias.*--language-model-only"
+    ):
         LLM(str(broken), **engine_args())
 
 
@@ -86,17 +97,18 @@ def test_same_text_other_image_never_hits_the_prefix_cache(model):
         llm.engine.step()
 
 
-def test_model_drafters_refuse_images_and_ngram_keeps_greedy(model):
+def test_model_drafters_refuse_images_and_ngram_keeps_greedy(model, tmp_path):
     path, _ = model
     prompt = {"prompt_token_ids": PROMPT, "multi_modal_data": {"image": IMAGES[0]}}
     plain = LLM(str(path), **engine_args()).generate([prompt], GREEDY)[0].outputs[0].token_ids
     ngram = LLM(str(path), **engine_args(speculative_config={"method": "ngram", "num_speculative_tokens": 3}))
     assert ngram.generate([prompt], GREEDY)[0].outputs[0].token_ids == plain
-    engine = ngram.engine
-    engine.spec_config = type(engine.spec_config)(**{**vars(engine.spec_config), "method": "mtp"})
+    make_vision_model(tmp_path, mtp=True)
+    mtp = LLM(str(tmp_path), **engine_args(speculative_config={"method": "mtp", "num_speculative_tokens": 2}))
     with pytest.raises(InvalidRequestError, match="images cannot be combined with mtp speculative decoding"):
-        engine.add_request(prompt, GREEDY)
-    assert not engine.requests
+        mtp.engine.add_request(prompt, GREEDY)
+    assert not mtp.engine.requests
+    assert len(mtp.generate([{"prompt_token_ids": [3, 4, 5]}], GREEDY)[0].outputs[0].token_ids) == 6  # text drafts
 
 
 def test_chat_cli_image_command(model, tmp_path):
@@ -112,3 +124,53 @@ def test_chat_cli_image_command(model, tmp_path):
     assert out.getvalue().strip() == hf_chat_reply(path, hf, [IMAGES[0]], "w5 w17", 6)
     assert "image" in err.getvalue() and "nowhere.png" in err.getvalue()
     assert len(chat.images) == 1 and not chat.pending
+
+
+def test_nvfp4_keeps_the_tower_in_16_bits(model):
+    """--quantization nvfp4 quantizes the language model's Linears; the tower stays plain torch in the
+    model dtype and encodes exactly as in the 16-bit model."""
+    path, _ = model
+    plain = LLM(str(path), **engine_args())
+    nvfp4 = LLM(str(path), **engine_args(quantization="nvfp4"))
+    tower = nvfp4.engine.model.visual
+    assert all(p.dtype == torch.float32 for p in tower.parameters())
+    assert not any(isinstance(m, Linear) for m in tower.modules())
+    assert any(type(m.method).__name__ == "NVFP4LinearMethod" for m in nvfp4.engine.model.modules() if isinstance(m, Linear))
+    image = plain.engine.image_preprocessor(IMAGES[0])
+    (a,), (b,) = plain.engine.model.encode_images([image]), nvfp4.engine.model.encode_images([image])
+    assert torch.equal(a, b)
+    out = nvfp4.generate([{"prompt_token_ids": PROMPT, "multi_modal_data": {"image": IMAGES[0]}}], GREEDY)
+    assert len(out[0].outputs[0].token_ids) == 6
+
+
+def test_encoder_cache_reuses_an_image_across_turns(model):
+    path, _ = model
+    llm = LLM(str(path), **engine_args(max_num_batched_tokens=5))  # chunks that split the image
+    cache = llm.engine.runner.encoder_cache
+    first = {"prompt_token_ids": PROMPT, "multi_modal_data": {"image": IMAGES[0]}}
+    second = {"prompt_token_ids": PROMPT + [9, 10, 11], "multi_modal_data": {"image": IMAGES[0]}}
+    llm.generate([first], GREEDY)
+    assert cache.misses == 1 and cache.hits >= 2  # encoded once, read by each chunk after the first
+    hits = cache.hits
+    llm.generate([second], GREEDY)
+    assert cache.misses == 1 and cache.hits > hits
+
+
+def test_preemption_with_images_keeps_the_tokens(model):
+    """Too little KV for four image prompts forces recompute: a preempted request re-reads its image
+    embeddings (and positions) from the start; its tokens must not change."""
+    path, _ = model
+    prompts = [
+        {"prompt_token_ids": PROMPT + [20 + i] * (3 * i), "multi_modal_data": {"image": IMAGES[i % 2]}}
+        for i in range(4)
+    ]
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    roomy = LLM(str(path), **engine_args(max_num_seqs=4))
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy)]
+    capacity = roomy.engine.capacity
+    tight = capacity.state_bytes + capacity.kv_bytes_per_token * 128  # 128 tokens of KV for ~200 needed
+    llm = LLM(str(path), **engine_args(max_num_seqs=4, kv_cache_memory=tight))
+    outputs = llm.generate(prompts, greedy)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.engine.block_pool.num_free == llm.engine.block_pool.num_blocks
