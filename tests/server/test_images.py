@@ -162,3 +162,25 @@ def test_language_model_only_builds_no_tower_and_refuses_images(model):
         engine.add_request({"prompt_token_ids": [1, IMAGE_PAD, 2], "multi_modal_data": {"image": IMAGE}},
                            SamplingParams(max_tokens=1))  # fmt: skip
     assert not engine.requests
+
+
+def test_streamed_reply_with_an_image(client, live):
+    parts = [image_part(data_url(IMAGE)), {"type": "text", "text": "w5 w17"}]
+    whole = ask(client, parts)
+    chunks = client.chat.completions.create(
+        model="vl", messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_tokenize_refuses_images(live):
+    import httpx
+
+    body = {"model": "vl", "messages": [{"role": "user", "content": [image_part(data_url(IMAGE))]}]}
+    response = httpx.post(f"{live.base}/tokenize", json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages[0].content[0]"

@@ -135,7 +135,9 @@ def test_nvfp4_keeps_the_tower_in_16_bits(model):
     tower = nvfp4.engine.model.visual
     assert all(p.dtype == torch.float32 for p in tower.parameters())
     assert not any(isinstance(m, Linear) for m in tower.modules())
-    assert any(type(m.method).__name__ == "NVFP4LinearMethod" for m in nvfp4.engine.model.modules() if isinstance(m, Linear))
+    assert any(
+        type(m.method).__name__ == "NVFP4LinearMethod" for m in nvfp4.engine.model.modules() if isinstance(m, Linear)
+    )
     image = plain.engine.image_preprocessor(IMAGES[0])
     (a,), (b,) = plain.engine.model.encode_images([image]), nvfp4.engine.model.encode_images([image])
     assert torch.equal(a, b)
@@ -174,3 +176,21 @@ def test_preemption_with_images_keeps_the_tokens(model):
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert llm.engine.block_pool.num_free == llm.engine.block_pool.num_blocks
+
+
+def test_limit_mm_per_prompt(model):
+    from fp4serve.cli import build_parser
+    from fp4serve.config import EngineConfig
+    from fp4serve.engine_args import engine_config
+    from fp4serve.errors import ConfigError
+
+    args = build_parser().parse_args(["serve", "m", "--limit-mm-per-prompt", '{"image": 2, "video": 0}'])
+    assert engine_config(args).image_limit() == 2
+    for bad, words in [('{"audio": 1}', "fp4serve knows image, video"), ('{"image": -1}', "count >= 0"),
+                       ("[1]", "JSON object"), ("{image: 1}", "not valid JSON")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            EngineConfig(limit_mm_per_prompt=bad)
+    path, _ = model
+    off = LLM(str(path), **engine_args(limit_mm_per_prompt={"image": 0, "video": 0}))
+    assert off.engine.model.visual is None
+    assert off.engine.no_images_reason == "--limit-mm-per-prompt allows no images"
