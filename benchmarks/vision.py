@@ -66,7 +66,7 @@ def main() -> None:
         preprocess, encode = [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            pixels = engine.image_preprocessor(image)
+            pixels = engine.images.preprocessor(image)
             t1 = time.perf_counter()
             engine.model.encode_images([pixels])
             encode.append(time.perf_counter() - t1)

@@ -86,9 +86,9 @@ class TerminalChat:
         return True
 
     def attach(self, path: str) -> None:
-        preprocess = self.engine.image_preprocessor
+        preprocess = self.engine.images.preprocessor
         if preprocess is None:
-            self.note(f"this server takes no images: {self.engine.no_images_reason}")
+            self.note(f"this model takes no images: {self.engine.images.reason}")
             return
         if not path:
             self.note("usage: /image PATH")

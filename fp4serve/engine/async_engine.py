@@ -144,17 +144,9 @@ class AsyncEngine:
         return self.engine.default_sampling
 
     @property
-    def image_preprocessor(self):
-        """The model's image preprocessing (thread-safe: it keeps no state), None without image input."""
-        return self.engine.image_preprocessor
-
-    @property
-    def no_images_reason(self) -> str | None:
-        return self.engine.no_images_reason
-
-    @property
-    def image_limit(self) -> int | None:
-        return self.engine.config.image_limit()
+    def images(self):
+        """The engine's ImageSupport: its preprocessor keeps no state, so worker threads may use it."""
+        return self.engine.images
 
     @property
     def is_running(self) -> bool:

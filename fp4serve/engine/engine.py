@@ -25,10 +25,8 @@ from fp4serve.max_model_len import AUTO, check_max_model_len
 from fp4serve.model_path import resolve_model_dir
 from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
-from fp4serve.models.registry import model_class
 from fp4serve.multimodal.encoder_cache import EncoderCache
-from fp4serve.multimodal.image_processor import PREPROCESSOR_CONFIG, ImagePreprocessor
-from fp4serve.multimodal.inputs import ImageInput, MultimodalPrompt, expand_placeholders
+from fp4serve.multimodal.support import ImageSupport
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sample.prompt_logprobs import record_prompt_logprobs
 from fp4serve.sample.sampler import SamplingRow, sample
@@ -96,19 +94,12 @@ class LLMEngine:
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
         spec = self.spec_config
         mtp_drafting = spec is not None and spec.method == "mtp" and spec.model == self.model_path
-        self.no_images_reason = self._no_vision_reason()
+        self.images = ImageSupport(self.info, self.model_path, config, spec.method if spec else None)
         self.model = load_model(
             self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head, mtp_drafting,
-            vision=self.no_images_reason is None,
+            vision=self.images.enabled,
         )  # fmt: skip
         phases.done("weights")
-        self.image_preprocessor = None
-        if self.no_images_reason is None:
-            self.image_preprocessor = ImagePreprocessor(self.model_path, self.info.hf_config.vision_config)
-            limit = config.image_limit()
-            log.info("image input: on (%s images per prompt at most)", limit if limit is not None else "no limit of")
-        elif hasattr(model_class(self.info.architectures), "encode_images"):
-            log.info("image input: off (%s)", self.no_images_reason)
         self.tokenizer = load_tokenizer(
             tokenizer_path, config.chat_template, config.skip_tokenizer_init, bool(config.tokenizer)
         )
@@ -138,7 +129,7 @@ class LLMEngine:
         phases.done("caches")
         log.info("engine start-up: %s", phases)
         capture_layers = self.proposer.capture_layers if self.proposer else ()
-        encoder_cache = EncoderCache(self.model.encode_images) if self.image_preprocessor else None
+        encoder_cache = EncoderCache(self.model.encode_images) if self.images.enabled else None
         self.runner = ModelRunner(
             self.model, config.block_size, self.device, capture_layers, calibrate_kv_scales, encoder_cache
         )
@@ -205,21 +196,6 @@ class LLMEngine:
         )  # fmt: skip
         self.capacity = capacity
 
-    def _no_vision_reason(self) -> str | None:
-        """Why an image-text checkpoint gets no vision tower (None: it gets one), in the words of the
-        400 an image request then gets."""
-        if not hasattr(model_class(self.info.architectures), "encode_images"):
-            return f"{', '.join(self.info.architectures) or 'this model'} takes text only"
-        if self.config.language_model_only:
-            return "the server runs with --language-model-only"
-        if getattr(self.info.hf_config, "language_model_only", False):
-            return "the checkpoint's config.json says language_model_only (its vision tower was stripped)"
-        if self.config.limit_mm_per_prompt.get("image", 1) == 0 and self.config.limit_mm_per_prompt.get("video", 0) == 0:
-            return "--limit-mm-per-prompt allows no images"
-        if not (self.model_path / PREPROCESSOR_CONFIG).exists():
-            return f"the checkpoint has no {PREPROCESSOR_CONFIG}, which says how this model's images are preprocessed"
-        return None
-
     # ---- requests ---------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams.from_defaults(self.default_sampling)
@@ -244,7 +220,7 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         mm = None
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
-            token_ids, mm = self._place_images(token_ids, prompt["multi_modal_data"])
+            token_ids, mm = self.images.place(token_ids, prompt["multi_modal_data"])
         params = params or self.default_sampling_params()
         params.validate()
         if params.n != 1:
@@ -269,32 +245,6 @@ class LLMEngine:
         self.scheduler.add(request)
         self.stats.request_added(request_id)
         return request_id
-
-    def _place_images(self, token_ids: list[int], data: dict) -> tuple[list[int], MultimodalPrompt]:
-        """vLLM's multi_modal_data {"image": image or list}: PIL images (preprocessed here) or
-        ImageInputs (the server preprocesses on its worker threads). The prompt has one image
-        placeholder token per image, which is expanded to that image's number of embeddings."""
-        param = "multi_modal_data"
-        if not isinstance(data, dict) or set(data) - {"image"}:
-            others = sorted(set(data) - {"image"}) if isinstance(data, dict) else data
-            raise InvalidRequestError(f"only image input is supported, not {others!r} (no video or audio)", param)
-        images = data["image"] if isinstance(data["image"], list | tuple) else [data["image"]]
-        if self.image_preprocessor is None:
-            raise InvalidRequestError(f"this server takes no images: {self.no_images_reason}", param)
-        limit = self.config.image_limit()
-        if limit is not None and len(images) > limit:
-            raise InvalidRequestError(f"{len(images)} images in one prompt; --limit-mm-per-prompt allows {limit}", param)
-        if self.spec_config is not None and self.spec_config.method != "ngram":
-            raise InvalidRequestError(
-                f"images cannot be combined with {self.spec_config.method} speculative decoding on this server: "
-                "its drafter would see text positions where the model uses image (M-RoPE) positions; serve images "
-                "without --speculative-config, or with the ngram method",
-                param,
-            )  # fmt: skip
-        inputs = [image if isinstance(image, ImageInput) else self.image_preprocessor(image) for image in images]
-        visual = self.model.visual
-        image_token_id = self.info.hf_config.image_token_id
-        return expand_placeholders(token_ids, inputs, image_token_id, visual.num_tokens, visual.merge)
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

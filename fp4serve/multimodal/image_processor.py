@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.multimodal.inputs import ImageInput
+from fp4serve.multimodal.mrope import Grid
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 # Decoding is refused above this many pixels (read from the header, before any is decoded): a
@@ -51,9 +52,9 @@ class ImagePreprocessor:
 
         self.merge = ours[1]
 
-    def num_tokens(self, image: ImageInput) -> int:
-        """The image's placeholder tokens in the prompt (one per merged block of patches)."""
-        t, h, w = image.grid
+    def num_tokens(self, grid: Grid) -> int:
+        """An image's placeholder tokens in the prompt (one per merged block of its patch grid)."""
+        t, h, w = grid
         return t * h * w // self.merge**2
 
     def __call__(self, image) -> ImageInput:

@@ -66,7 +66,7 @@ async def create_chat_completion(
     work.check_length(chat_length(request, exclude_images=True), "messages")
     prompt_ids, images = await work.run(render_chat_prompt, engine, request, options.media_policy())
     # One placeholder per image still, which the engine expands: the length counts the expansion.
-    num_prompt_tokens = len(prompt_ids) + sum(engine.image_preprocessor.num_tokens(image) - 1 for image in images)
+    num_prompt_tokens = len(prompt_ids) + sum(engine.images.preprocessor.num_tokens(i.grid) - 1 for i in images)
     params = request.to_sampling_params(num_prompt_tokens, engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     grammar = await compile_grammar(grammars, schema) if schema is not None else None
@@ -226,17 +226,17 @@ def render_chat_prompt(
     prompt_ids = apply_chat_template(engine.tokenizer, request, image_urls)
     if not image_urls:
         return prompt_ids, []
-    first_param = image_urls[0][0]
-    if engine.image_preprocessor is None:
-        raise APIError(400, f"images are not supported by this server: {engine.no_images_reason}", param=first_param)
-    limit = engine.image_limit
+    support = engine.images
+    if support.preprocessor is None:
+        raise APIError(400, f"images are not supported by this server: {support.reason}", param=image_urls[0][0])
+    limit = support.limit
     if limit is not None and len(image_urls) > limit:
         raise APIError(400, f"{len(image_urls)} images in one request; --limit-mm-per-prompt allows {limit}",
                        param=image_urls[limit][0])  # fmt: skip
     images = []
     for param, url in image_urls:
         try:
-            images.append(engine.image_preprocessor(decode_image(image_bytes(url, policy, param), param)))
+            images.append(support.preprocessor(decode_image(image_bytes(url, policy, param), param)))
         except InvalidRequestError as e:
             raise APIError(400, str(e), param=e.param or param) from e
     return prompt_ids, images

@@ -156,7 +156,7 @@ def test_language_model_only_builds_no_tower_and_refuses_images(model):
     path, _ = model
     engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_model_len=128, kv_cache_memory="2MiB",
                                     language_model_only=True))  # fmt: skip
-    assert engine.model.visual is None and engine.image_preprocessor is None
+    assert engine.model.visual is None and engine.images.preprocessor is None
     assert not any(name.startswith("visual.") for name, _ in engine.model.named_parameters())
     with pytest.raises(InvalidRequestError, match="takes no images: the server runs with --language-model-only"):
         engine.add_request({"prompt_token_ids": [1, IMAGE_PAD, 2], "multi_modal_data": {"image": IMAGE}},

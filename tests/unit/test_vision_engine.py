@@ -138,7 +138,7 @@ def test_nvfp4_keeps_the_tower_in_16_bits(model):
     assert any(
         type(m.method).__name__ == "NVFP4LinearMethod" for m in nvfp4.engine.model.modules() if isinstance(m, Linear)
     )
-    image = plain.engine.image_preprocessor(IMAGES[0])
+    image = plain.engine.images.preprocessor(IMAGES[0])
     (a,), (b,) = plain.engine.model.encode_images([image]), nvfp4.engine.model.encode_images([image])
     assert torch.equal(a, b)
     out = nvfp4.generate([{"prompt_token_ids": PROMPT, "multi_modal_data": {"image": IMAGES[0]}}], GREEDY)
@@ -193,4 +193,4 @@ def test_limit_mm_per_prompt(model):
     path, _ = model
     off = LLM(str(path), **engine_args(limit_mm_per_prompt={"image": 0, "video": 0}))
     assert off.engine.model.visual is None
-    assert off.engine.no_images_reason == "--limit-mm-per-prompt allows no images"
+    assert off.engine.images.reason == "--limit-mm-per-prompt allows no images"
