@@ -51,6 +51,21 @@ class ImageSupport:
             return f"the checkpoint has no {PREPROCESSOR_CONFIG}, which says how this model's images are preprocessed"
         return None
 
+    def refusal(self, num_images: int) -> tuple[str, int] | None:
+        """Why a request with this many images is refused, and the index of the first image the
+        reason concerns; None if it is not."""
+        if self.preprocessor is None:
+            return f"images are not supported by this server: {self.reason}", 0
+        if self.limit is not None and num_images > self.limit:
+            return f"{num_images} images in one request; --limit-mm-per-prompt allows {self.limit}", self.limit
+        if self.spec_method is not None and self.spec_method != "ngram":
+            return (
+                f"images cannot be combined with {self.spec_method} speculative decoding on this server: its drafter "
+                "would see text positions where the model uses image (M-RoPE) positions; serve images without "
+                "--speculative-config, or with the ngram method"
+            ), 0
+        return None
+
     def place(self, token_ids: list[int], data: dict) -> tuple[list[int], MultimodalPrompt]:
         """vLLM's multi_modal_data {"image": image or list}: PIL images (preprocessed here) or
         ImageInputs (the server preprocesses on its worker threads). The prompt has one image
@@ -60,18 +75,9 @@ class ImageSupport:
             others = sorted(set(data) - {"image"}) if isinstance(data, dict) else data
             raise InvalidRequestError(f"only image input is supported, not {others!r} (no video or audio)", param)
         images = data["image"] if isinstance(data["image"], list | tuple) else [data["image"]]
-        if self.preprocessor is None:
-            raise InvalidRequestError(f"this server takes no images: {self.reason}", param)
-        if self.limit is not None and len(images) > self.limit:
-            raise InvalidRequestError(f"{len(images)} images in one prompt; --limit-mm-per-prompt allows {self.limit}",
-                                      param)  # fmt: skip
-        if self.spec_method is not None and self.spec_method != "ngram":
-            raise InvalidRequestError(
-                f"images cannot be combined with {self.spec_method} speculative decoding on this server: "
-                "its drafter would see text positions where the model uses image (M-RoPE) positions; serve images "
-                "without --speculative-config, or with the ngram method",
-                param,
-            )  # fmt: skip
+        refused = self.refusal(len(images))
+        if refused is not None:
+            raise InvalidRequestError(refused[0], param)
         inputs = [image if isinstance(image, ImageInput) else self.preprocessor(image) for image in images]
         image_token_id = self.info.hf_config.image_token_id
         return expand_placeholders(

@@ -227,12 +227,10 @@ def render_chat_prompt(
     if not image_urls:
         return prompt_ids, []
     support = engine.images
-    if support.preprocessor is None:
-        raise APIError(400, f"images are not supported by this server: {support.reason}", param=image_urls[0][0])
-    limit = support.limit
-    if limit is not None and len(image_urls) > limit:
-        raise APIError(400, f"{len(image_urls)} images in one request; --limit-mm-per-prompt allows {limit}",
-                       param=image_urls[limit][0])  # fmt: skip
+    refused = support.refusal(len(image_urls))
+    if refused is not None:  # before any image is fetched
+        message, first = refused
+        raise APIError(400, message, param=image_urls[first][0])
     images = []
     for param, url in image_urls:
         try:

@@ -158,7 +158,9 @@ def test_language_model_only_builds_no_tower_and_refuses_images(model):
                                     language_model_only=True))  # fmt: skip
     assert engine.model.visual is None and engine.images.preprocessor is None
     assert not any(name.startswith("visual.") for name, _ in engine.model.named_parameters())
-    with pytest.raises(InvalidRequestError, match="takes no images: the server runs with --language-model-only"):
+    with pytest.raises(
+        InvalidRequestError, match="images are not supported by this server: the server runs with --language-model-only"
+    ):
         engine.add_request({"prompt_token_ids": [1, IMAGE_PAD, 2], "multi_modal_data": {"image": IMAGE}},
                            SamplingParams(max_tokens=1))  # fmt: skip
     assert not engine.requests
