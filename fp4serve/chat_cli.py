@@ -1,6 +1,7 @@
 """`fp4serve chat`: a terminal chat over one engine, tokens printed as they are generated.
 
-Lines starting with / are commands (/help lists them; // sends a message that starts with /). Ctrl-C
+Lines starting with / are commands (/help lists them; // sends a message that starts with /);
+`/image PATH` attaches an image to the next message (image-text models). Ctrl-C
 during a reply stops that reply: the request is aborted between engine steps (a SIGINT handler sets
 a flag, so no step is cut in half) and the partial reply stays in the conversation, marked. Ctrl-C
 or Ctrl-D at the prompt quits."""
@@ -14,10 +15,12 @@ import threading
 from collections.abc import Callable
 
 from fp4serve.errors import InvalidRequestError
+from fp4serve.multimodal.image_processor import decode_image
 from fp4serve.sampling_params import SamplingParams
 
 COMMANDS = {
     "/help": "list these commands",
+    "/image": "PATH: attach an image (PNG, JPEG, WebP) to the next message",
     "/reset": "start the conversation over",
     "/exit": "leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)",
     "/quit": "leave",
@@ -40,6 +43,8 @@ class TerminalChat:
         self.params = params
         self.system = [{"role": "system", "content": system}] if system else []
         self.history = list(self.system)
+        self.images = []  # every image of the conversation, in order (each turn's prompt sends them all)
+        self.pending = []  # attached with /image, sent with the next message
         self.read = read or input
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -56,18 +61,22 @@ class TerminalChat:
             if not text:
                 continue
             if text.startswith("/") and not text.startswith("//"):
-                if not self.command(text.split()[0].lower()):
+                name, _, argument = text.partition(" ")
+                if not self.command(name.lower(), argument.strip()):
                     return
                 continue
             self.say(line[line.index("/") + 1 :] if text.startswith("//") else line)
 
-    def command(self, name: str) -> bool:
+    def command(self, name: str, argument: str = "") -> bool:
         """Run one /command; False to leave."""
         if name in ("/exit", "/quit"):
             return False
         if name == "/reset":
             self.history = list(self.system)
+            self.images, self.pending = [], []
             self.note("(conversation reset)")
+        elif name == "/image":
+            self.attach(argument)
         elif name == "/help":
             for command, meaning in COMMANDS.items():
                 self.note(f"  {command:<7} {meaning}")
@@ -76,16 +85,37 @@ class TerminalChat:
             self.note(f"unknown command {name}; /help lists the commands (start with // to send it as a message)")
         return True
 
-    def say(self, message: str) -> None:
-        """One user turn and the model's reply."""
-        self.history.append({"role": "user", "content": message})
+    def attach(self, path: str) -> None:
+        preprocess = self.engine.images.preprocessor
+        if preprocess is None:
+            self.note(f"this model takes no images: {self.engine.images.reason}")
+            return
+        if not path:
+            self.note("usage: /image PATH")
+            return
         try:
-            prompt = self.llm.apply_chat_template(self.history)
-            request_id = self.engine.add_request({"prompt_token_ids": prompt}, dataclasses.replace(self.params))
+            with open(path, "rb") as file:
+                self.pending.append(preprocess(decode_image(file.read())))
+        except (OSError, InvalidRequestError) as e:
+            self.note(f"error: {path}: {e}")
+            return
+        self.note(f"(image {path} attached to the next message)")
+
+    def say(self, message: str) -> None:
+        """One user turn (with the images attached since the last one) and the model's reply."""
+        content = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": message}]
+        self.history.append({"role": "user", "content": content if self.pending else message})
+        images = self.images + self.pending
+        try:
+            prompt = {"prompt_token_ids": self.llm.apply_chat_template(self.history)}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            request_id = self.engine.add_request(prompt, dataclasses.replace(self.params))
         except InvalidRequestError as e:
             self.history.pop()
             self.note(f"error: {e}")
             return
+        self.images, self.pending = images, []
         reply, marker = self.stream(request_id)
         self.out.write("\n")
         self.out.flush()

@@ -48,6 +48,7 @@ def cmd_serve(args) -> None:
         max_queue=args.max_queue,
         max_request_body_size=args.max_request_body_size,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        allowed_media_domains=tuple(args.allowed_media_domains or ()),
     )
     api_key = args.api_key or os.environ.get("FP4SERVE_API_KEY") or None
     run_server(
@@ -104,6 +105,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve GET /tokenizer_info (the tokenizer's settings and chat template; off by default, as in vLLM)",
     )
+    p.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=None,
+        help="hosts whose http(s) image URLs the server fetches (default: none; data: URLs always work)",
+    )
     # vLLM flags whose request fp4serve always fulfils: accepted, and listed in docs/serving.md.
     p.add_argument("--enforce-eager", action="store_true", help="accepted: fp4serve always runs eagerly (no graphs)")
     p.add_argument("--disable-log-requests", action="store_true", help="accepted: fp4serve does not log requests")
@@ -126,7 +133,7 @@ UNSUPPORTED_VLLM_FLAGS = {
     ("--swap-space",): "preempted requests are recomputed, never swapped",
     ("--enable-lora", "--lora-modules"): "LoRA adapters are not supported",
     ("--structured-outputs-config", "--guided-decoding-backend"): "constrained decoding is not supported",
-    ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "only the text path of models is served",
+    ("--mm-processor-kwargs",): "images are preprocessed as the checkpoint's preprocessor_config.json says",
     ("--load-format",): "fp4serve loads safetensors directories",
     ("--download-dir",): "fp4serve downloads nothing: it reads local directories and the Hugging Face cache",
     ("--tokenizer-mode",): "transformers' tokenizer is always used",

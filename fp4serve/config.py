@@ -96,9 +96,13 @@ class EngineConfig:
         choices=GENERATION_CONFIGS,
     )
     chat_template: str | None = engine_arg(None, "chat template file or text (default: the model's)")
-    # A flag that cannot be turned off: vLLM users pass it, and vision is never served.
     language_model_only: bool = engine_arg(
-        True, "serve the text path of multimodal checkpoints (always on: vision is not served)"
+        False, "image-text checkpoints: build no vision tower (no image input; its memory stays free), as in vLLM"
+    )
+    limit_mm_per_prompt: dict | str | None = engine_arg(
+        None,
+        "JSON, e.g. '{\"image\": 2}': the most images one prompt may carry (default: as many as fit "
+        "max_model_len); image and video 0 build no vision tower, as --language-model-only",
     )
     trust_remote_code: bool = engine_arg(False, "accepted for vLLM compatibility; no remote code runs")
     num_threads: int | None = engine_arg(None, "CPU threads for torch (default: torch's own choice)")
@@ -143,7 +147,7 @@ class EngineConfig:
     attention_backend: str | None = engine_arg(None, "accepted and logged: fp4serve has one attention path")
     linear_backend: str | None = engine_arg(None, "accepted and logged: NVFP4 linears follow --nvfp4-compute")
     moe_backend: str | None = engine_arg(None, "accepted and logged: MoE experts run fp4serve's own path")
-    mm_encoder_tp_mode: str | None = engine_arg(None, "accepted and logged: no vision encoder is served")
+    mm_encoder_tp_mode: str | None = engine_arg(None, "accepted and logged: the vision tower runs on the one device")
     mamba_cache_mode: str | None = engine_arg(
         None,
         "GDN state snapshots for prefix caching on hybrid models: align (default) at every --mamba-block-size "
@@ -163,7 +167,7 @@ class EngineConfig:
     )
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -206,6 +210,7 @@ class EngineConfig:
             raise ConfigError(
                 '--speculative-config must be a JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\''
             )
+        self.limit_mm_per_prompt = parse_mm_limits(self.limit_mm_per_prompt)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -219,10 +224,36 @@ class EngineConfig:
         if not 0 <= self.gdn_snapshot_fraction < 1:
             raise ConfigError(f"--gdn-snapshot-fraction {self.gdn_snapshot_fraction}: give a fraction in [0, 1)")
 
+    def image_limit(self) -> int | None:
+        """--limit-mm-per-prompt's image count (None: no limit of its own)."""
+        return self.limit_mm_per_prompt.get("image")
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+MM_MODALITIES = ("image", "video")
+
+
+def parse_mm_limits(value: dict | str | None) -> dict[str, int]:
+    """--limit-mm-per-prompt: a JSON object of modality -> count, vLLM's form."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--limit-mm-per-prompt is not valid JSON: {e} (example: '{{\"image\": 2}}')") from e
+    if not isinstance(value, dict):
+        raise ConfigError("--limit-mm-per-prompt must be a JSON object, e.g. '{\"image\": 2}'")
+    for modality, count in value.items():
+        if modality not in MM_MODALITIES:
+            raise ConfigError(f"--limit-mm-per-prompt {modality!r}: fp4serve knows {', '.join(MM_MODALITIES)}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ConfigError(f"--limit-mm-per-prompt {modality}: give a count >= 0, not {count!r}")
+    return dict(value)
 
 
 @dataclass
@@ -236,7 +267,7 @@ class ModelInfo:
     quant: QuantConfig | None = None  # the checkpoint's own quantization (None: 16/32-bit weights)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelInfo":
+    def load(cls, path: str | Path) -> ModelInfo:
         from transformers import AutoConfig
 
         path = Path(path)

@@ -20,6 +20,10 @@ class SequenceRows:
     block_ids: list[int]
     state_slot: int = 0  # the sequence's GDN state slot
     num_drafts: int = 0
+    # Sequences with images: the M-RoPE (t, h, w) position of each row [3, len(token_ids)], and the
+    # encoder embeddings that replace the rows of image placeholder tokens, as (first row, [n, H]).
+    mrope_positions: torch.Tensor | None = None
+    embeds: tuple[tuple[int, torch.Tensor], ...] = ()
 
 
 @dataclass
@@ -68,6 +72,11 @@ class ForwardBatch:
     # Set the K/V scales of a quantized KV cache from this forward's amax (--calculate-kv-scales).
     calibrate_kv_scales: bool = False
     captures: StepCaptures = field(default_factory=StepCaptures)
+    # Set when a sequence has images: [3, T] M-RoPE positions (text rows repeat `positions`), and
+    # the rows whose token embeddings the image embeddings replace ([N] long, [N, H]).
+    mrope_positions: torch.Tensor | None = None
+    embed_rows: torch.Tensor | None = None
+    embed_values: torch.Tensor | None = None
 
     def __post_init__(self):
         starts = [0]
@@ -121,6 +130,8 @@ def build_batch(
     def tensor(values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
+    if any(s.mrope_positions is not None or s.embeds for s in seqs):
+        options.update(_multimodal_rows(seqs, tensor(positions), device))
     return ForwardBatch(
         input_ids=tensor(ids),
         positions=tensor(positions),
@@ -135,3 +146,20 @@ def build_batch(
         block_ids=[s.block_ids for s in seqs],
         **options,
     )
+
+
+def _multimodal_rows(seqs: Sequence[SequenceRows], positions: torch.Tensor, device) -> dict:
+    """ForwardBatch's mrope_positions, embed_rows and embed_values for sequences laid end to end."""
+    mrope, rows, values = [], [], []
+    first = 0
+    for seq, n in ((s, len(s.token_ids)) for s in seqs):
+        own = seq.mrope_positions
+        mrope.append(own.to(device) if own is not None else positions[first : first + n].expand(3, n))
+        for offset, embeds in seq.embeds:
+            rows.append(torch.arange(first + offset, first + offset + len(embeds), device=device))
+            values.append(embeds)
+        first += n
+    out = {"mrope_positions": torch.cat(mrope, dim=1)}
+    if rows:
+        out["embed_rows"], out["embed_values"] = torch.cat(rows), torch.cat(values).to(device)
+    return out

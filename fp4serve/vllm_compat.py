@@ -30,7 +30,12 @@ def vllm_flag_notes(config: EngineConfig) -> list[str]:
         notes.append(f"--moe-backend {config.moe_backend}: not applicable; MoE experts run fp4serve's own kernels")
     if config.mm_encoder_tp_mode is not None:
         notes.append(
-            f"--mm-encoder-tp-mode {config.mm_encoder_tp_mode}: not applicable; fp4serve serves the text path "
-            "only and loads no vision encoder"
+            f"--mm-encoder-tp-mode {config.mm_encoder_tp_mode}: not applicable; fp4serve runs the vision tower "
+            "on its one device"
+        )
+    if config.limit_mm_per_prompt.get("video"):
+        notes.append(
+            f"--limit-mm-per-prompt video {config.limit_mm_per_prompt['video']}: fp4serve takes no video input; "
+            "a request with a video part is refused (400)"
         )
     return notes

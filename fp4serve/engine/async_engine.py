@@ -144,6 +144,11 @@ class AsyncEngine:
         return self.engine.default_sampling
 
     @property
+    def images(self):
+        """The engine's ImageSupport: its preprocessor keeps no state, so worker threads may use it."""
+        return self.engine.images
+
+    @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 

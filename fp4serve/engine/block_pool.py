@@ -4,24 +4,33 @@ A full block's hash covers its tokens and, through its parent's hash, every toke
 equal hashes mean equal prefixes. A freed block keeps its hash and stays findable until it is
 reused: free blocks form one LRU queue; allocation takes the oldest and forgets its hash then.
 On hybrid models the pool also owns the GDN snapshot index (snapshot_pool.py): a snapshot is keyed
-by the hash of the block that ends at its position, and goes when that block is evicted."""
+by the hash of the block that ends at its position, and goes when that block is evicted.
+A block holding image tokens also hashes its images' digests (`extra_keys`, per block index): image
+placeholders are one repeated token id, whatever the image."""
 from __future__ import annotations
 
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from fp4serve.engine.snapshot_pool import SnapshotPool
 from fp4serve.errors import ConfigError
 
 
-def block_hash(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
-    """BLAKE2b-256 of the parent's digest and the tokens as int64: collision resistant, so one
-    prompt can never be served another's cache (Python's 64-bit hash() could be made to collide).
-    About 1 us per 16-token block on one CPU core."""
+def block_hash(parent: bytes | None, tokens: tuple[int, ...], extra: tuple[str, ...] = ()) -> bytes:
+    """BLAKE2b-256 of the parent's digest, the tokens as int64 and any image digests of the block:
+    collision resistant, so one prompt can never be served another's cache (Python's 64-bit hash()
+    could be made to collide). About 1 us per 16-token block on one CPU core."""
     digest = hashlib.blake2b(parent or b"", digest_size=32)
     digest.update(array("q", tokens).tobytes())
+    for key in extra:
+        digest.update(b"\0image:" + key.encode())
     return digest.digest()
+
+
+def _extra(extra_keys: Sequence[tuple[str, ...]], block: int) -> tuple[str, ...]:
+    return extra_keys[block] if block < len(extra_keys) else ()
 
 
 class BlockPool:
@@ -76,7 +85,9 @@ class BlockPool:
             if self.ref_count[block] == 0:
                 self.free[block] = None
 
-    def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[bytes]]:
+    def match_prefix(
+        self, token_ids: list[int], max_tokens: int, extra_keys: Sequence[tuple[str, ...]] = ()
+    ) -> tuple[list[int], list[bytes]]:
         """Cached blocks covering the longest prefix of token_ids within max_tokens, referenced
         for the caller, and the chain of hashes of those blocks."""
         if not self.enable_prefix_caching:
@@ -85,7 +96,7 @@ class BlockPool:
         parent = None
         bs = self.block_size
         for start in range(0, max_tokens - bs + 1, bs):
-            h = block_hash(parent, tuple(token_ids[start : start + bs]))
+            h = block_hash(parent, tuple(token_ids[start : start + bs]), _extra(extra_keys, start // bs))
             block = self.cached.get(h)
             if block is None:
                 break
@@ -106,7 +117,12 @@ class BlockPool:
         self.release(blocks[::-1])
 
     def register_full_blocks(
-        self, blocks: list[int], hashes: list[bytes], token_ids: list[int], num_committed: int
+        self,
+        blocks: list[int],
+        hashes: list[bytes],
+        token_ids: list[int],
+        num_committed: int,
+        extra_keys: Sequence[tuple[str, ...]] = (),
     ) -> None:
         """Hash every block of `blocks` now entirely filled with committed tokens (token_ids must
         hold them all). `hashes` is the request's chain so far and grows in place."""
@@ -116,7 +132,7 @@ class BlockPool:
         assert num_committed <= len(token_ids), f"{num_committed} tokens committed but only {len(token_ids)} known"
         while (len(hashes) + 1) * bs <= num_committed:
             i = len(hashes)
-            h = block_hash(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))
+            h = block_hash(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]), _extra(extra_keys, i))
             hashes.append(h)
             block = blocks[i]
             if h not in self.cached:  # an identical block may already be cached: keep that one

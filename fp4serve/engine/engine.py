@@ -26,6 +26,8 @@ from fp4serve.max_model_len import AUTO, check_max_model_len
 from fp4serve.model_path import resolve_model_dir
 from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
+from fp4serve.multimodal.encoder_cache import EncoderCache
+from fp4serve.multimodal.support import ImageSupport
 from fp4serve.outputs import CompletionOutput, RequestOutput
 from fp4serve.sample.prompt_logprobs import record_prompt_logprobs
 from fp4serve.sample.sampler import SamplingRow, sample
@@ -94,9 +96,11 @@ class LLMEngine:
         compute = "w4a16" if config.nvfp4_compute == "auto" else config.nvfp4_compute
         spec = self.spec_config
         mtp_drafting = spec is not None and spec.method == "mtp" and spec.model == self.model_path
+        self.images = ImageSupport(self.info, self.model_path, config, spec.method if spec else None)
         self.model = load_model(
-            self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head, mtp_drafting
-        )
+            self.info, self.dtype, self.device, self.quant, compute, config.nvfp4_lm_head, mtp_drafting,
+            vision=self.images.enabled,
+        )  # fmt: skip
         phases.done("weights")
         self.tokenizer = load_tokenizer(
             tokenizer_path, config.chat_template, config.skip_tokenizer_init, bool(config.tokenizer)
@@ -130,7 +134,10 @@ class LLMEngine:
         phases.done("caches")
         log.info("engine start-up: %s", phases)
         capture_layers = self.proposer.capture_layers if self.proposer else ()
-        self.runner = ModelRunner(self.model, config.block_size, self.device, capture_layers, calibrate_kv_scales)
+        encoder_cache = EncoderCache(self.model.encode_images) if self.images.enabled else None
+        self.runner = ModelRunner(
+            self.model, config.block_size, self.device, capture_layers, calibrate_kv_scales, encoder_cache
+        )
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompts: dict[str, str | None] = {}
@@ -232,6 +239,9 @@ class LLMEngine:
         self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         text, token_ids = self.tokenize(prompt)
+        mm = None
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            token_ids, mm = self.images.place(token_ids, prompt["multi_modal_data"])
         params = params or self.default_sampling_params()
         params.validate()
         if params.n != 1:
@@ -247,7 +257,9 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        request = Request(request_id, token_ids, params, self.max_model_len, generator)
+        request = Request(request_id, token_ids, params, self.max_model_len, generator, mm=mm)
+        if mm is not None:
+            request.block_extra_keys = mm.block_keys(self.config.block_size)
         self.requests[request_id] = request
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         self.prompts[request_id] = text

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fp4serve.multimodal.inputs import MultimodalPrompt
 from fp4serve.sampling_params import SamplingParams
 
 
@@ -50,6 +51,10 @@ class Request:
     # Speculative decoding: tokens a proposer drafted to verify in the next step. They are not
     # output (yet): the verification step appends the accepted ones.
     draft_token_ids: list[int] = field(default_factory=list)
+    # A prompt with images: where their tokens are, their M-RoPE positions; and per prompt block the
+    # image digests its prefix-cache hash includes (so the same text with another image never hits).
+    mm: MultimodalPrompt | None = None
+    block_extra_keys: list[tuple[str, ...]] = field(default_factory=list)
 
     def __post_init__(self):
         if self.params.logprobs is not None and self.logprobs is None:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fp4serve.engine.request import Request
 from fp4serve.engine.scheduler import SchedulerPlan, SnapshotJob
 from fp4serve.forward_batch import ForwardBatch, SequenceRows, StepCaptures, build_batch
 from fp4serve.layers.cache_spec import StateSpec
+from fp4serve.multimodal.encoder_cache import EncoderCache
 
 
 @dataclass
@@ -28,7 +30,8 @@ class StepOutput:
 
 class ModelRunner:
     """capture_layers: target decoder layers whose outputs a drafter reads (StepOutput.captures).
-    calibrate_kv_scales: the first forward sets a quantized KV cache's scales from its amax."""
+    calibrate_kv_scales: the first forward sets a quantized KV cache's scales from its amax.
+    encoder_cache: an image-text model's vision-tower outputs (None: the model takes no images)."""
 
     def __init__(
         self,
@@ -37,6 +40,7 @@ class ModelRunner:
         device: torch.device,
         capture_layers: tuple[int, ...] = (),
         calibrate_kv_scales: bool = False,
+        encoder_cache: EncoderCache | None = None,
     ):
         self.model = model
         self.block_size = block_size
@@ -44,19 +48,44 @@ class ModelRunner:
         self.capture_layers = capture_layers
         self.calibrate_kv_scales = calibrate_kv_scales
         self.state_layers = [m for m in model.cache_layers() if isinstance(m.cache_spec(), StateSpec)]
+        self.encoder_cache = encoder_cache
 
     def prepare(self, plan: SchedulerPlan) -> ForwardBatch:
         seqs = []
+        embeddings = self._image_embeddings(plan)
         for item in plan.scheduled:
             request, start = item.request, item.request.num_computed_tokens
             end = start + item.num_tokens
             ids = request.token_ids_in(start, end - item.num_drafts) + item.draft_token_ids
             slot = request.state_slot if request.state_slot is not None else 0
-            seqs.append(SequenceRows(ids, start, request.block_ids, slot, item.num_drafts))
+            mrope, embeds = None, ()
+            if request.mm is not None:
+                mrope = request.mm.mrope_rows(start, end)
+                embeds = tuple(self._image_rows(request, start, end, embeddings))
+            seqs.append(SequenceRows(ids, start, request.block_ids, slot, item.num_drafts, mrope, embeds))
         calibrate, self.calibrate_kv_scales = self.calibrate_kv_scales, False  # once: on the first forward
         return build_batch(
             seqs, self.block_size, self.device, capture_layers=self.capture_layers, calibrate_kv_scales=calibrate
         )
+
+    def _image_embeddings(self, plan: SchedulerPlan) -> dict[str, torch.Tensor]:
+        """Tower outputs of every image with tokens in this step, by digest (encoded once, together)."""
+        images = [
+            placed.image
+            for item in plan.scheduled
+            if item.request.mm is not None
+            for placed in item.request.mm.images_in(item.request.num_computed_tokens,
+                                                    item.request.num_computed_tokens + item.num_tokens)
+        ]  # fmt: skip
+        return self.encoder_cache.embeddings(images) if images else {}
+
+    @staticmethod
+    def _image_rows(request: Request, start: int, end: int, embeddings: dict[str, torch.Tensor]):
+        """(row within the step's rows of this request, embeddings) for each image part in start..end."""
+        for placed in request.mm.images_in(start, end):
+            first, last = max(placed.offset, start), min(placed.end, end)
+            rows = embeddings[placed.image.digest][first - placed.offset : last - placed.offset]
+            yield first - start, rows
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerPlan) -> StepOutput:

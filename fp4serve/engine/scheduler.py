@@ -204,7 +204,9 @@ class Scheduler:
         # Prompt logprobs need the logits of every prompt position: no hit at all (as vLLM).
         blocks, hashes = [], []
         if request.params.prompt_logprobs is None:
-            blocks, hashes = self.pool.match_prefix(request.all_token_ids, request.num_tokens - 1)
+            blocks, hashes = self.pool.match_prefix(
+                request.all_token_ids, request.num_tokens - 1, request.block_extra_keys
+            )
         snapshot = None
         if self.uses_state_slots and blocks:
             keep, snapshot = self._snapshot_hit(request, blocks, hashes)
@@ -295,7 +297,9 @@ class Scheduler:
         committed = min(request.num_computed_tokens, request.num_tokens)
         bs = self.block_size
         if self.pool.enable_prefix_caching and (len(request.block_hashes) + 1) * bs <= committed:
-            self.pool.register_full_blocks(request.block_ids, request.block_hashes, request.all_token_ids, committed)
+            self.pool.register_full_blocks(
+                request.block_ids, request.block_hashes, request.all_token_ids, committed, request.block_extra_keys
+            )
         if self.snapshots is not None:
             self._take_snapshots(item, start, committed)
         if request.status.finished:

@@ -5,6 +5,7 @@ the supported configs use: default, linear, llama3, yarn. Partial rotary rotates
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -74,8 +75,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def mrope_axes(num_freqs: int, section: Sequence[int]) -> torch.Tensor:
+    """Which of the (t, h, w) positions drives each rotary frequency in the interleaved M-RoPE
+    layout of Qwen3-VL / Qwen3.5 (transformers' recomposition): frequency j follows h when
+    j % 3 == 1 and j < 3 * section[1], w when j % 3 == 2 and j < 3 * section[2], else t."""
+    j = torch.arange(num_freqs)
+    axes = torch.zeros(num_freqs, dtype=torch.long)
+    axes[(j % 3 == 1) & (j < 3 * section[1])] = 1
+    axes[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    return axes
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, rotary_dim: int, rope_parameters: dict, max_position: int):
+    """mrope_section: the model takes (t, h, w) positions (batch.mrope_positions, set when a
+    sequence has images); without them, as for all text, the three are equal and this is plain rope."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        rope_parameters: dict,
+        max_position: int,
+        mrope_section: Sequence[int] | None = None,
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
@@ -83,12 +105,23 @@ class RotaryEmbedding(nn.Module):
         # built on the meta device (fp4serve doctor builds one to list the expected tensors).
         with torch.device("cpu"):
             inv_freq, self.scale = rope_inv_freq(rotary_dim, rope_parameters, max_position)
+            axes = mrope_axes(rotary_dim // 2, mrope_section) if mrope_section is not None else None
         self.memo_key = ("rope", rotary_dim, self.scale, tuple(inv_freq.tolist()))
         self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
+        if axes is not None:
+            self.memo_key += ("mrope", tuple(axes.tolist()))
+            axes = axes.to(torch.get_default_device())
+        self.register_buffer("mrope_axes", axes, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, rotary_dim] cos and sin, computed in fp32 then cast, exactly as transformers does."""
         freqs = positions[:, None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+    def mrope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin for [3, T] (t, h, w) positions: each frequency at the position of its axis."""
+        freqs = positions[self.mrope_axes].T.float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
@@ -98,7 +131,10 @@ class RotaryEmbedding(nn.Module):
         exactly: one roll replaces rotate_half's chunk, neg and cat."""
 
         def compute():
-            cos, sin = self.cos_sin(batch.positions, dtype)
+            if self.mrope_axes is not None and batch.mrope_positions is not None:
+                cos, sin = self.mrope_cos_sin(batch.mrope_positions, dtype)
+            else:
+                cos, sin = self.cos_sin(batch.positions, dtype)
             sin = torch.cat((-sin[:, : self.rotary_dim // 2], sin[:, self.rotary_dim // 2 :]), dim=-1)
             return cos[:, None, :], sin[:, None, :]
 

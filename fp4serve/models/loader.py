@@ -29,10 +29,12 @@ def load_model(
     nvfp4_compute: str = "w4a16",
     nvfp4_lm_head: bool = False,
     mtp_drafting: bool = False,
+    vision: bool = False,
 ):
     """quant: the resolved quantization (the checkpoint's, or on-the-fly nvfp4); None: plain weights.
     nvfp4_lm_head: quantize a 16-bit lm_head to NVFP4 W4A16 after loading (see quantize_lm_head).
-    mtp_drafting: the MTP drafter will load this checkpoint's mtp.* head (the target still drops it)."""
+    mtp_drafting: the MTP drafter will load this checkpoint's mtp.* head (the target still drops it).
+    vision: build an image-text model's vision tower (from info.hf_config.vision_config)."""
     cls = model_class(info.architectures)
     start = time.perf_counter()
     chooser = LinearMethodChooser(quant, cls.stacked_params, cls.checkpoint_renames, nvfp4_compute) if quant else None
@@ -42,7 +44,8 @@ def load_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device), linear_methods(chooser) if chooser else contextlib.nullcontext():
-            model = cls(info.text_config, dtype, mtp_drafting=mtp_drafting)
+            tower = {"vision_config": info.hf_config.vision_config} if vision else {}
+            model = cls(info.text_config, dtype, mtp_drafting=mtp_drafting, **tower)
     finally:
         torch.set_default_dtype(previous)
     if chooser:

@@ -3,13 +3,15 @@
 `layer_types[i]` picks the token mixer of layer i: `linear_attention` (Gated DeltaNet, layers/gdn.py)
 or `full_attention` (gated attention below). All norms are zero-centred, y = x/rms(x) * (1 + w),
 except the GDN output norm. The *ForConditionalGeneration checkpoints nest the language model under
-`model.language_model.` next to the vision tower `model.visual.`; only the text path is served, so
-the tower and the MTP head (`mtp.*`: the MTP drafter, when on, loads it itself) are dropped by name, and logged.
+`model.language_model.` next to the vision tower `model.visual.` (models/qwen3_5_vision.py), which is
+built unless --language-model-only; image embeddings replace the embeddings of the prompt's image
+placeholder tokens, and attention takes M-RoPE (t, h, w) positions for them. The MTP head (`mtp.*`:
+the MTP drafter, when on, loads it itself) is dropped by name, and logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +25,9 @@ from fp4serve.layers.norm import RMSNorm
 from fp4serve.layers.rotary import RotaryEmbedding
 from fp4serve.models.base import CausalLM, run_decoder
 from fp4serve.models.llama import FUSED
+from fp4serve.models.qwen3_5_vision import Qwen3_5VisionEncoder
 from fp4serve.models.weights import LoadPlan
+from fp4serve.multimodal.inputs import ImageInput
 
 # (our fused Linear, checkpoint module, shard). gate/up also covers the shared expert and every expert.
 STACKED = [
@@ -33,6 +37,8 @@ STACKED = [
     ("in_proj_ba", "in_proj_b", 0),
     ("in_proj_ba", "in_proj_a", 1),
 ]
+MROPE_SECTION = [11, 11, 10]  # transformers' default when rope_parameters has none
+MIS_NESTED_VISION = "model.language_model.visual.*"
 
 
 class Qwen3_5Attention(nn.Module):
@@ -53,10 +59,11 @@ class Qwen3_5Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=True)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, zero_centered=True)
         rope = config.rope_parameters
-        # Text-only positions give all three mrope sections (t, h, w) the same id, and then the
-        # interleaved mrope layout is plain rope over the rotary dims.
+        # Text positions give all three mrope sections (t, h, w) the same id, and then the
+        # interleaved mrope layout is plain rope over the rotary dims; image tokens differ.
         rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 1.0))
-        self.rotary = RotaryEmbedding(self.head_dim, rotary_dim, rope, config.max_position_embeddings)
+        section = rope.get("mrope_section", MROPE_SECTION)
+        self.rotary = RotaryEmbedding(self.head_dim, rotary_dim, rope, config.max_position_embeddings, section)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -126,7 +133,10 @@ class Qwen3_5Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=True)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return run_decoder(self.layers, self.norm, self.embed_tokens(batch.input_ids), batch)
+        x = self.embed_tokens(batch.input_ids)
+        if batch.embed_rows is not None:  # image placeholder rows take the vision tower's embeddings
+            x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
+        return run_decoder(self.layers, self.norm, x, batch)
 
 
 class Qwen3_5ForCausalLM(CausalLM):
@@ -153,7 +163,7 @@ class Qwen3_5ForCausalLM(CausalLM):
         dropped = {
             "model.visual.*": "vision tower: text-only serving",
             # Some hand-converted checkpoints nest the vision tower inside the language model.
-            "model.language_model.visual.*": "vision tower (nested under language_model): text-only serving",
+            MIS_NESTED_VISION: "vision tower (nested under language_model): text-only serving",
         }
         if self.drop_mtp:
             dropped["mtp.*"] = (
@@ -163,8 +173,44 @@ class Qwen3_5ForCausalLM(CausalLM):
 
 
 class Qwen3_5ForConditionalGeneration(Qwen3_5ForCausalLM):
-    """The image-text checkpoint, served text-only. `config` is its text config; note transformers
-    ties lm_head by the top-level config's flag, which config.ModelInfo copies into the text config."""
+    """The image-text checkpoint. `config` is its text config (transformers ties lm_head by the
+    top-level config's flag, which config.ModelInfo copies into the text config); vision_config
+    builds the tower (checkpoint `model.visual.`), None serves the text path only
+    (--language-model-only) and drops the tower's tensors."""
+
+    def __init__(self, config, dtype: torch.dtype, vision_config=None, **kwargs):
+        super().__init__(config, dtype, **kwargs)
+        # at model.visual, the checkpoint's own name, so errors name tensors as the files do
+        self.model.visual = Qwen3_5VisionEncoder(vision_config) if vision_config is not None else None
+
+    @property
+    def visual(self) -> Qwen3_5VisionEncoder | None:
+        return self.model.visual
+
+    def load_plan(self) -> LoadPlan:
+        plan = super().load_plan()
+        if self.visual is None:
+            plan.dropped["model.visual.*"] = plan.dropped[MIS_NESTED_VISION] = "vision tower: --language-model-only"
+            return plan
+        del plan.dropped["model.visual.*"], plan.dropped[MIS_NESTED_VISION]
+        rename = "fp4serve rename-tensors DIR --from model.language_model.visual. --to model.visual."
+        plan.refused[MIS_NESTED_VISION] = (
+            f"of the vision tower are nested under model.language_model.visual. instead of model.visual.: "
+            f"move them with `{rename}` (or serve the text path only with --language-model-only)"
+        )
+        plan.missing_advice["model.visual.*"] = (
+            "the vision tower is incomplete: a checkpoint whose tower was stripped is served with "
+            f"--language-model-only; tensors under another prefix can be moved with `{rename}`"
+        )
+        return plan
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """The language-model embeddings of each image, [num_tokens, hidden] each, in one tower pass."""
+        device = self.model.embed_tokens.weight.device
+        pixels = torch.cat([image.pixel_values for image in images]).to(device)
+        merged = self.visual(pixels, [image.grid for image in images])
+        return list(merged.split([self.visual.num_tokens(image.grid) for image in images]))
 
 
 class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
@@ -178,5 +224,5 @@ class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
         super().load_weights(split_fused_experts(weights))
 
 
-class Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeForCausalLM):
-    """The MoE image-text checkpoint, served text-only (see Qwen3_5ForConditionalGeneration)."""
+class Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeForCausalLM, Qwen3_5ForConditionalGeneration):
+    """The MoE image-text checkpoint: MoE layers and expert loading, and the vision tower."""

@@ -33,6 +33,11 @@ class LoadPlan:
     dropped: dict[str, str] = field(default_factory=dict)
     # parameter -> the parameter it shares storage with (tied embeddings): "lm_head.weight" -> ...
     tied: dict[str, str] = field(default_factory=dict)
+    # fnmatch patterns of tensors that are in a known wrong place: any match is an error naming
+    # them, with this advice (a mis-nested vision tower would otherwise just look "unexpected")
+    refused: dict[str, str] = field(default_factory=dict)
+    # fnmatch patterns of parameters whose absence has a known cause: advice added to the error
+    missing_advice: dict[str, str] = field(default_factory=dict)
 
 
 def _listing(names: Iterable[str]) -> str:
@@ -80,7 +85,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     filled: set[str] = set()
     unexpected: list[str] = []
     dropped: Counter[str] = Counter()
+    refused: dict[str, list[str]] = {}
     for ckpt_name, tensor in weights:
+        wrong_place = next((p for p in plan.refused if fnmatch.fnmatchcase(ckpt_name, p)), None)
+        if wrong_place is not None:
+            refused.setdefault(wrong_place, []).append(ckpt_name)
+            continue
         pattern = next((p for p in plan.dropped if fnmatch.fnmatchcase(ckpt_name, p)), None)
         if pattern is not None:
             dropped[pattern] += 1
@@ -123,9 +133,11 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     for pattern, count in dropped.items():
         log.info("dropped %d checkpoint tensors matching %s (%s)", count, pattern, plan.dropped[pattern])
     missing = {checkpoint_name(key, plan) for key in expected_keys(model) - filled}
-    problems = []
+    problems = [f"{len(names)} tensors {plan.refused[p]}: {_listing(names)}" for p, names in refused.items()]
     if missing:
-        problems.append(f"{len(missing)} missing tensors (model parameters never loaded): {_listing(missing)}")
+        advice = [a for p, a in plan.missing_advice.items() if any(fnmatch.fnmatchcase(m, p) for m in missing)]
+        problems.append(f"{len(missing)} missing tensors (model parameters never loaded): {_listing(missing)}"
+                        + "".join(f" ({a})" for a in advice))  # fmt: skip
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensors (no parameter takes them): {_listing(unexpected)}")
     if problems:

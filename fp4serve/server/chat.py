@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 from fp4serve.engine.async_engine import AsyncEngine
 from fp4serve.engine.grammar import GrammarCompiler, GrammarLogitsProcessor, xgrammar_available
 from fp4serve.errors import InvalidRequestError
+from fp4serve.multimodal.image_fetch import MediaPolicy, image_bytes
+from fp4serve.multimodal.image_processor import decode_image
+from fp4serve.multimodal.inputs import ImageInput
 from fp4serve.outputs import RequestOutput
 from fp4serve.sample.sampler import TokenLogprobs
 from fp4serve.server.choices import Choices, fan_out
@@ -60,12 +63,17 @@ async def create_chat_completion(
 ) -> ChatCompletionResponse | EventStream:
     make_tool_parser(request, options)  # checks tool_choice before any work; each choice gets its own below
     schema = output_schema(request)
-    work.check_length(chat_length(request), "messages")
-    prompt_ids = await work.run(apply_chat_template, engine.tokenizer, request)
-    params = request.to_sampling_params(len(prompt_ids), engine.max_model_len, engine.default_sampling)
+    work.check_length(chat_length(request, exclude_images=True), "messages")
+    prompt_ids, images = await work.run(render_chat_prompt, engine, request, options.media_policy())
+    # One placeholder per image still, which the engine expands: the length counts the expansion.
+    num_prompt_tokens = len(prompt_ids) + sum(engine.images.preprocessor.num_tokens(i.grid) - 1 for i in images)
+    params = request.to_sampling_params(num_prompt_tokens, engine.max_model_len, engine.default_sampling)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     grammar = await compile_grammar(grammars, schema) if schema is not None else None
-    requests = fan_out([{"prompt_token_ids": prompt_ids, "prompt": None}], [params])
+    prompt = {"prompt_token_ids": prompt_ids, "prompt": None}
+    if images:
+        prompt["multi_modal_data"] = {"image": images}
+    requests = fan_out([prompt], [params])
     parsers = []  # per choice: parsers and grammar matchers keep state
     for _, child in requests:
         reasoning = None
@@ -81,10 +89,11 @@ async def create_chat_completion(
 
     finals = await choices.final_outputs()
     answer = [_choice(engine.tokenizer, i, output, parser) for i, (output, parser) in enumerate(zip(finals, parsers))]
-    usage = UsageInfo.of(len(prompt_ids), sum(len(output.outputs[0].token_ids) for output in finals))
+    # the engine's prompt: image placeholders expanded
+    usage = UsageInfo.of(len(finals[0].prompt_token_ids), sum(len(output.outputs[0].token_ids) for output in finals))
     prompt_logprobs = None
     if request.prompt_logprobs is not None and finals[0].prompt_logprobs is not None:
-        prompt_logprobs = prompt_logprobs_json(engine.tokenizer, prompt_ids, finals[0].prompt_logprobs)
+        prompt_logprobs = prompt_logprobs_json(engine.tokenizer, finals[0].prompt_token_ids, finals[0].prompt_logprobs)
     return ChatCompletionResponse(
         id=request_id, model=model, choices=answer, usage=usage, prompt_logprobs=prompt_logprobs
     )
@@ -208,9 +217,34 @@ def _finish_reason(reason: str | None, called_tools: bool) -> str | None:
 
 
 # ---- the prompt -----------------------------------------------------------------------------
-def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
+def render_chat_prompt(
+    engine: AsyncEngine, request: ChatCompletionRequest, policy: MediaPolicy
+) -> tuple[list[int], list[ImageInput]]:
+    """The templated prompt ids and the request's images, fetched, decoded and preprocessed (on a
+    worker thread: fetching and resizing take milliseconds to seconds)."""
+    image_urls: list[tuple[str, object]] = []
+    prompt_ids = apply_chat_template(engine.tokenizer, request, image_urls)
+    if not image_urls:
+        return prompt_ids, []
+    support = engine.images
+    refused = support.refusal(len(image_urls))
+    if refused is not None:  # before any image is fetched
+        message, first = refused
+        raise APIError(400, message, param=image_urls[first][0])
+    images = []
+    for param, url in image_urls:
+        try:
+            images.append(support.preprocessor(decode_image(image_bytes(url, policy, param), param)))
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=e.param or param) from e
+    return prompt_ids, images
+
+
+def apply_chat_template(tokenizer, request: ChatCompletionRequest, image_urls: list | None = None) -> list[int]:
+    """image_urls: where the request's image parts go, as (param, url); None: images are refused."""
     messages = [
-        _template_message(m.model_dump(exclude_none=True), f"messages[{i}]") for i, m in enumerate(request.messages)
+        _template_message(m.model_dump(exclude_none=True), f"messages[{i}]", image_urls)
+        for i, m in enumerate(request.messages)
     ]
     tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
     try:
@@ -221,34 +255,53 @@ def apply_chat_template(tokenizer, request: ChatCompletionRequest) -> list[int]:
         raise APIError(400, f"the chat template cannot render this request: {e}", param="messages") from e
 
 
-_NOT_TEXT = {"image_url": "images", "input_image": "images", "image": "images", "input_audio": "audio",
-             "audio_url": "audio", "video_url": "video", "file": "files"}  # fmt: skip
+_NOT_TEXT = {"input_audio": "audio", "audio_url": "audio", "video_url": "video", "video": "video",
+             "file": "files"}  # fmt: skip
+_OTHER_IMAGE_PARTS = ("input_image", "image", "image_pil", "image_embeds")
 
 
-def _template_message(message: dict, where: str) -> dict:
-    """OpenAI allows content as a list of parts; templates expect a string. Only text parts exist
-    here. Tool-call arguments arrive as JSON strings; templates iterate them as mappings. `where`
-    is the message's place in the request ("messages[2]"), for the error's param. The protocol
-    models have checked the shapes: content parts have a string type, tool calls a function.
-    An assistant turn that only called tools has null content (the openai SDK sends it so);
-    templates concatenate content as a string, so it becomes "" (as in vLLM)."""
+def _template_message(message: dict, where: str, image_urls: list | None) -> dict:
+    """OpenAI allows content as a list of parts; templates expect a string, or, for a message with
+    images, a list of {"type": "text", "text"} and {"type": "image"} parts (Qwen's templates write
+    each image's placeholder tokens where its part is). Each image_url part's (param, url) goes to
+    `image_urls`; None refuses them. Tool-call arguments arrive as JSON strings; templates iterate
+    them as mappings. `where` is the message's place in the request ("messages[2]"), for the
+    error's param. The protocol models have checked the shapes: content parts have a string
+    type, tool calls a function. An assistant turn that only called tools has null content (the
+    openai SDK sends it so); templates concatenate content as a string, so it becomes "" (as in vLLM)."""
     content = message.get("content")
     if message["role"] == "assistant" and content is None:
         if not message.get("tool_calls"):
             raise APIError(400, "an assistant message needs content or tool_calls", param=f"{where}.content")
         message["content"] = ""
     if isinstance(content, list):
-        texts = []
+        parts = []
         for i, part in enumerate(content):
             kind, param = part["type"], f"{where}.content[{i}]"
             if kind in _NOT_TEXT:
-                raise APIError(400, f"{_NOT_TEXT[kind]} are not supported by this model: send text only", param=param)
+                raise APIError(400, f"{_NOT_TEXT[kind]} input is not supported: send text and image_url parts",
+                               param=param)  # fmt: skip
+            if kind in _OTHER_IMAGE_PARTS:
+                raise APIError(400, f"send images as image_url parts, not {kind!r}", param=param)
+            if kind == "image_url":
+                if image_urls is None:
+                    raise APIError(400, "images are not supported here: send text only", param=param)
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise APIError(400, "an image_url part needs image_url.url, a string", param=f"{param}.image_url")
+                image_urls.append((param, url))
+                parts.append({"type": "image"})
+                continue
             if kind != "text":
                 raise APIError(400, f"content parts of type {kind!r} are not supported", param=param)
             if not isinstance(part.get("text"), str):
                 raise APIError(400, "a text content part needs a string `text`", param=f"{param}.text")
-            texts.append(part["text"])
-        message["content"] = "\n".join(texts)
+            parts.append({"type": "text", "text": part["text"]})
+        if any(p["type"] == "image" for p in parts):
+            message["content"] = parts
+        else:
+            message["content"] = "\n".join(p["text"] for p in parts)
     for i, call in enumerate(message.get("tool_calls") or []):
         function = call["function"]
         if isinstance(function["arguments"], str):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fp4serve.config import parse_bytes
 from fp4serve.errors import ConfigError
+from fp4serve.multimodal.image_fetch import MediaPolicy
 from fp4serve.server.reasoning import REASONING_PARSERS
 from fp4serve.server.tools import TOOL_PARSERS
 
@@ -22,9 +23,12 @@ class ServerOptions:
     max_request_body_size: int | str = DEFAULT_MAX_REQUEST_BODY_SIZE  # --max-request-body-size, bytes
     enable_tokenizer_info_endpoint: bool = False  # --enable-tokenizer-info-endpoint: GET /tokenizer_info
     responses_store_size: int = DEFAULT_RESPONSES_STORE_SIZE  # /v1/responses kept for previous_response_id
+    # --allowed-media-domains: hosts whose http(s) image URLs are fetched (none: data: URLs only)
+    allowed_media_domains: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.max_request_body_size = parse_bytes(self.max_request_body_size)
+        self.allowed_media_domains = tuple(d.lower() for d in self.allowed_media_domains or ())
         unknown = []  # both parsers in one message, as recipes often name both
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             unknown.append(f"--reasoning-parser {self.reasoning_parser}: fp4serve has no such reasoning parser "
@@ -42,3 +46,6 @@ class ServerOptions:
             raise ConfigError("responses_store_size must be >= 0")
         if self.max_request_body_size < 1:
             raise ConfigError("--max-request-body-size must be at least 1 byte")
+
+    def media_policy(self) -> MediaPolicy:
+        return MediaPolicy(allowed_domains=self.allowed_media_domains)

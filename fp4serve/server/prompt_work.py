@@ -53,8 +53,16 @@ class PromptWork:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def chat_length(request) -> int:
+def chat_length(request, exclude_images: bool = False) -> int:
     """An upper bound on the characters the chat template renders from a request's own content:
     its messages and tools as JSON (every field the template may read, quotes and escapes
-    included, so never less than the text itself)."""
-    return len(request.model_dump_json(include={"messages", "tools"}))
+    included, so never less than the text itself). exclude_images: less the image URLs (a data:
+    URL's base64 becomes image tokens, not text), for callers that count image tokens elsewhere."""
+    length = len(request.model_dump_json(include={"messages", "tools"}))
+    if exclude_images:
+        for message in request.messages:
+            for part in message.content if isinstance(message.content, list) else ():
+                url = getattr(part, "image_url", None)
+                url = url.get("url") if isinstance(url, dict) else url
+                length -= len(url) if part.type == "image_url" and isinstance(url, str) else 0
+    return length

@@ -78,7 +78,7 @@ def chat(app, **fields) -> httpx.Response:
     "fields, words, param",
     [
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "images are not supported by this model", "messages[0].content[0]"),
+         "images are not supported by this server: LlamaForCausalLM takes text only", "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": [{"type": "weird"}]}]}, "'weird' are not supported",
          "messages[0].content[0]"),
         ({"messages": "hello"}, "messages", "messages"),

@@ -230,6 +230,9 @@ def test_targets_and_exit_codes(copy_of, capsys):
     out = capsys.readouterr().out
     assert "error   N01" in out and "fix: fp4serve rename-tensors" in out
     assert run_main(["doctor", str(vl), "--for", "fp4serve", "--skip-values"]) == 0
-    assert "warning N01" in capsys.readouterr().out
+    assert "warning N01" in capsys.readouterr().out  # no preprocessor_config.json: fp4serve serves text only
+    (vl / "preprocessor_config.json").write_text('{"image_processor_type": "Qwen2VLImageProcessor"}')
+    assert run_main(["doctor", str(vl), "--for", "fp4serve", "--skip-values"]) == 1
+    assert "fp4serve refuses them (unless --language-model-only)" in capsys.readouterr().out
     assert run_main(["doctor", str(vl / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err

@@ -38,6 +38,7 @@ ENGINE_FLAGS = [
     (["--generation-config"], ["auto", "vllm"]),
     (["--chat-template"], None),
     (["--language-model-only"], None),
+    (["--limit-mm-per-prompt"], None),
     (["--trust-remote-code"], None),
     (["--num-threads"], None),
     (["--quantization", "-q"], ["modelopt", "compressed-tensors", "nvfp4"]),

@@ -14,6 +14,7 @@ from fp4serve.config import ModelInfo
 from fp4serve.errors import Fp4ServeError, UnsupportedModelError
 from fp4serve.formats.checkpoint import detect_quantization
 from fp4serve.models.kv_scales import SUFFIXES as KV_SCALE_SUFFIXES
+from fp4serve.multimodal.image_processor import PREPROCESSOR_CONFIG
 from fp4serve.toolkit.doctor.findings import ERROR, WARNING, Context, Finding, listing
 from fp4serve.toolkit.doctor.skeleton import build_skeleton, expand_fused_experts
 
@@ -27,11 +28,15 @@ def check(ctx: Context) -> Iterator[Finding]:
     tensors = ctx.tensors
     misnested = sorted(n for n in tensors if n.startswith(MISNESTED))
     if misnested:
-        severity = ctx.severity(vllm=ERROR, fp4serve=WARNING)
+        # fp4serve builds the tower (and refuses these) when the checkpoint can preprocess images;
+        # without preprocessor_config.json it serves text only and drops them.
+        takes_images = (ctx.path / PREPROCESSOR_CONFIG).exists()
+        severity = ctx.severity(vllm=ERROR, fp4serve=ERROR if takes_images else WARNING)
         yield Finding(
             severity, "N01",
             f"{len(misnested)} vision tensors are nested under {MISNESTED}* ({listing(misnested, 3)}); the "
-            "vision tower is built at model.visual, so vLLM skip-loads them silently and runs it uninitialized",
+            "vision tower is built at model.visual, so vLLM skip-loads them silently and runs it uninitialized"
+            + (", and fp4serve refuses them (unless --language-model-only)" if takes_images else ""),
             "fp4serve rename-tensors DIR --from model.language_model.visual. --to model.visual. "
             "(or fp4serve strip-vision DIR for text only)",
         )  # fmt: skip
