@@ -97,6 +97,22 @@ def test_same_text_other_image_never_hits_the_prefix_cache(model):
         llm.engine.step()
 
 
+def test_prefix_cache_hits_only_with_the_same_image(model):
+    """Prefix caching on (the default for this hybrid model): the same text with another image
+    shares only the blocks before the image; the same image again hits past it, and every answer
+    equals the answer without caching."""
+    path, _ = model
+    prompts = [{"prompt_token_ids": PROMPT + [30] * 12, "multi_modal_data": {"image": IMAGES[i]}} for i in (0, 1, 0)]
+    plain = LLM(str(path), **engine_args(enable_prefix_caching=False))
+    expected = [plain.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
+    llm = LLM(str(path), **engine_args(mamba_block_size=4))  # GDN snapshots at every block end
+    outputs = [llm.generate([p], GREEDY)[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    cached = [o.num_cached_tokens for o in outputs]
+    image_at = PROMPT.index(VISION_START)  # 4: the block from here on holds image tokens
+    assert cached[0] == 0 and cached[1] == image_at and cached[2] > image_at, cached
+
+
 def test_model_drafters_refuse_images_and_ngram_keeps_greedy(model, tmp_path):
     path, _ = model
     prompt = {"prompt_token_ids": PROMPT, "multi_modal_data": {"image": IMAGES[0]}}
@@ -147,7 +163,8 @@ def test_nvfp4_keeps_the_tower_in_16_bits(model):
 
 def test_encoder_cache_reuses_an_image_across_turns(model):
     path, _ = model
-    llm = LLM(str(path), **engine_args(max_num_batched_tokens=5))  # chunks that split the image
+    # Chunks that split the image; no prefix caching, whose hit on turn 2 would skip the image rows.
+    llm = LLM(str(path), **engine_args(max_num_batched_tokens=5, enable_prefix_caching=False))
     cache = llm.engine.runner.encoder_cache
     first = {"prompt_token_ids": PROMPT, "multi_modal_data": {"image": IMAGES[0]}}
     second = {"prompt_token_ids": PROMPT + [9, 10, 11], "multi_modal_data": {"image": IMAGES[0]}}
@@ -167,11 +184,12 @@ def test_preemption_with_images_keeps_the_tokens(model):
         for i in range(4)
     ]
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    roomy = LLM(str(path), **engine_args(max_num_seqs=4))
+    no_cache = {"max_num_seqs": 4, "enable_prefix_caching": False}  # the budget below holds no GDN snapshots
+    roomy = LLM(str(path), **engine_args(**no_cache))
     expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy)]
     capacity = roomy.engine.capacity
     tight = capacity.state_bytes + capacity.kv_bytes_per_token * 128  # 128 tokens of KV for ~200 needed
-    llm = LLM(str(path), **engine_args(max_num_seqs=4, kv_cache_memory=tight))
+    llm = LLM(str(path), **engine_args(**no_cache, kv_cache_memory=tight))
     outputs = llm.generate(prompts, greedy)
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outputs] == expected
