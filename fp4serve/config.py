@@ -182,9 +182,9 @@ class EngineConfig:
             raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization}: give a fraction in (0, 1]")
         if self.tensor_parallel_size != 1:
             raise ConfigError(
-                f"--tensor-parallel-size {self.tensor_parallel_size}: fp4serve runs the model on one device, while "
-                f"vLLM would split this checkpoint across {self.tensor_parallel_size} GPUs; drop the flag (or pass 1) "
-                "if the model fits one device"
+                f"--tensor-parallel-size {self.tensor_parallel_size}: fp4serve runs the model on one device; the "
+                f"checkpoint loads unchanged in vLLM, which serves it across {self.tensor_parallel_size} GPUs with "
+                "this flag; drop the flag (or pass 1) if the model fits one device"
             )
         if self.mamba_cache_mode is not None and self.mamba_cache_mode not in MAMBA_CACHE_MODES:
             raise ConfigError(f"--mamba-cache-mode {self.mamba_cache_mode!r}: choose {', '.join(MAMBA_CACHE_MODES)}")

@@ -8,23 +8,19 @@ from pathlib import Path
 import torch
 
 from fp4serve.config import EngineConfig, ModelInfo
-from fp4serve.engine.block_pool import BlockPool
-from fp4serve.engine.cache import allocate_caches
+from fp4serve.engine.cache_setup import build_caches
 from fp4serve.engine.detokenizer import IncrementalDetokenizer
-from fp4serve.engine.memory import device_memory, kv_cache_budget, weight_bytes
+from fp4serve.engine.memory import device_memory
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner, StepOutput
-from fp4serve.engine.scheduler import Scheduler, SchedulerPlan
-from fp4serve.engine.snapshot_pool import SnapshotPool
+from fp4serve.engine.scheduler import SchedulerPlan
 from fp4serve.engine.stats import EngineStats, PhaseTimer
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.formats.kv_codec import resolve_kv_cache_format
 from fp4serve.kernels.cpu_features import cpu_features
-from fp4serve.layers.cache_spec import StateSpec
-from fp4serve.max_model_len import AUTO, check_max_model_len
+from fp4serve.max_model_len import check_max_model_len
 from fp4serve.model_path import resolve_model_dir
-from fp4serve.models.kv_scales import kv_scale_source
 from fp4serve.models.loader import load_model
 from fp4serve.multimodal.encoder_cache import EncoderCache
 from fp4serve.multimodal.support import ImageSupport
@@ -57,11 +53,6 @@ def describe_device(device: torch.device) -> str:
         major, minor = torch.cuda.get_device_capability(device)
         return f"CUDA {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     return f"{cpu_features().describe()}; {torch.get_num_threads()} threads"
-
-
-def _count(n: int) -> str:
-    """1234567 -> '1.2M', as the capacity log line shows it."""
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e4 else str(n)
 
 
 class LLMEngine:
@@ -130,7 +121,13 @@ class LLMEngine:
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
             phases.done("drafter")
-        self._init_caches(device_total)
+        caches = build_caches(
+            config, self.model, self.proposer, self.spec_config.num_speculative_tokens if self.spec_config else 0,
+            self.kv_format, self.info, self.device, self.dtype,
+            self.max_model_len, self.eos_token_ids, device_total,
+        )  # fmt: skip
+        self.capacity, self.block_pool, self.scheduler = caches.capacity, caches.block_pool, caches.scheduler
+        self.kv_cache_memory, self.max_model_len = caches.kv_cache_memory, caches.max_model_len
         phases.done("caches")
         log.info("engine start-up: %s", phases)
         capture_layers = self.proposer.capture_layers if self.proposer else ()
@@ -143,79 +140,6 @@ class LLMEngine:
         self.prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()  # counters and latencies for /metrics
-
-    def _init_caches(self, device_total: tuple[int, str] | None) -> None:
-        config = self.config
-        layers = self.model.cache_layers()
-        if self.proposer is not None:
-            layers += self.proposer.cache_layers()  # drafter KV: same blocks and block tables as the target's
-        hybrid = any(isinstance(m.cache_spec(), StateSpec) for m in layers)
-        kv_format = self.kv_format
-        # No more KV than the scheduler can fill: every sequence at max_model_len, plus room for
-        # the drafts a step verifies beyond it and a partial last block.
-        lookahead = (self.spec_config.num_speculative_tokens + 1 if self.spec_config else 0) + config.block_size
-        weights = 0
-        if device_total is not None:
-            weight_modules = [self.model, *(self.proposer.weight_modules() if self.proposer else [])]
-            weights = weight_bytes(self.device, weight_modules)
-        self.kv_cache_memory = kv_cache_budget(config, device_total, weights)
-        max_tokens = config.max_num_seqs * (self.max_model_len + lookahead)
-        mamba_mode = config.mamba_cache_mode or "align"
-        snapshots_wanted = hybrid and config.enable_prefix_caching and mamba_mode != "none"
-        capacity = allocate_caches(
-            layers, config.max_num_seqs if hybrid else 0, self.kv_cache_memory, config.block_size, kv_format,
-            self.device, self.dtype, max_tokens=max_tokens,
-            snapshot_fraction=config.gdn_snapshot_fraction if snapshots_wanted else 0.0,
-            max_snapshots=max_tokens // config.mamba_block_size + config.max_num_seqs if snapshots_wanted else 0,
-        )  # fmt: skip
-        scales = kv_scale_source(layers, kv_format, config.calculate_kv_scales)
-        declared = self.info.quant.kv_cache_algo if self.info.quant else None
-        if declared and not kv_format.quantized:
-            log.info("the checkpoint declares a %s KV cache; --kv-cache-dtype %s keeps K/V in %s (pass --kv-cache-dtype %s to use it)",
-                     declared, config.kv_cache_dtype, kv_format.name, declared.lower())  # fmt: skip
-        if capacity.num_tokens < self.max_model_len and config.max_model_len == AUTO:
-            # vLLM's --max-model-len auto: the longest context the cache holds, when the model's does not fit
-            log.warning(
-                "--max-model-len auto: the KV cache holds %d tokens, fewer than the model's %d; max_model_len is %d",
-                capacity.num_tokens, self.max_model_len, capacity.num_tokens,
-            )  # fmt: skip
-            self.max_model_len = capacity.num_tokens
-        if capacity.num_tokens < self.max_model_len:
-            raise ConfigError(
-                f"the KV cache holds {capacity.num_tokens} tokens, fewer than max_model_len {self.max_model_len}: "
-                f"raise --kv-cache-memory (or --gpu-memory-utilization) or lower --max-model-len"
-            )
-        prefix_caching = config.enable_prefix_caching
-        snapshots = SnapshotPool(capacity.num_snapshots, capacity.num_state_slots) if capacity.num_snapshots else None
-        if prefix_caching and hybrid and snapshots is None:
-            why = "--mamba-cache-mode none" if mamba_mode == "none" else "no GDN snapshot fits the budget"
-            log.info("prefix caching is off: a hit on this hybrid model needs a GDN state snapshot (%s)", why)
-            prefix_caching = False
-        self.block_pool = BlockPool(capacity.num_blocks, config.block_size, prefix_caching, snapshots)
-        self.scheduler = Scheduler(
-            self.block_pool, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-            capacity.num_state_slots, self.eos_token_ids, mamba_block_size=config.mamba_block_size,
-            keep_every_snapshot=mamba_mode == "all",
-            drafter_lookahead=self.proposer.cache_lookahead if self.proposer else 0,
-        )  # fmt: skip
-        if snapshots is not None:
-            log.info(
-                "prefix caching on a hybrid model: %d GDN snapshots (%.1f MiB, %.1f MiB each; --mamba-cache-mode %s, "
-                "prefill snapshots every %d tokens)",
-                capacity.num_snapshots, capacity.snapshot_bytes / 2**20,
-                capacity.snapshot_bytes / capacity.num_snapshots / 2**20, mamba_mode, config.mamba_block_size,
-            )  # fmt: skip
-        log.info(
-            "KV cache: %s, %s tokens (%.1fx of %s): %d blocks x %d tokens (%.1f KiB/token, %.1f MiB of a budget of "
-            "%.1f MiB; sized for --max-num-seqs %d x --max-model-len %d at most), GDN state %.1f MiB for %d slots; "
-            "maximum concurrency for %d tokens per request: %.2fx; KV scales: %s",
-            kv_format.name, _count(capacity.num_tokens), capacity.gain, capacity.baseline_format.name,
-            capacity.num_blocks, capacity.block_size, capacity.kv_bytes_per_token / 1024,
-            capacity.num_tokens * capacity.kv_bytes_per_token / 2**20, self.kv_cache_memory / 2**20,
-            config.max_num_seqs, self.max_model_len, capacity.state_bytes / 2**20,
-            capacity.num_state_slots, self.max_model_len, capacity.num_tokens / self.max_model_len, scales,
-        )  # fmt: skip
-        self.capacity = capacity
 
     # ---- requests ---------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
