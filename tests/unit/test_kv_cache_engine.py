@@ -87,7 +87,7 @@ NAMINGS = {
 def test_checkpoint_scales_load_and_write_the_cache(checkpoint, exact_caches, tmp_path, naming, caplog):
     extra = {name: torch.tensor(SCALES[w][i]) for i in range(2) for w in "kv" for name in NAMINGS[naming](i, w)}
     path = with_tensors(checkpoint, tmp_path / naming, extra)
-    with caplog.at_level(logging.INFO, logger="fp4serve.engine.engine"):
+    with caplog.at_level(logging.INFO, logger="fp4serve.engine"):
         fp8 = LLM(str(path), kv_cache_dtype="fp8", **ENGINE)
     assert any("KV cache: fp8_e4m3" in r.getMessage() and "from the checkpoint (2 layers)" in r.getMessage() for r in caplog.records)
     for i, attn in enumerate(attention_layers(fp8)):
@@ -112,7 +112,7 @@ def test_legacy_kv_scale_fills_both(checkpoint, tmp_path):
 def test_checkpoint_scales_unused_with_a_plain_cache(checkpoint, tmp_path, caplog):
     extra = {f"model.layers.{i}.self_attn.{w}_scale": torch.tensor(0.5) for i in range(2) for w in "kv"}
     path = with_tensors(checkpoint, tmp_path / "unused", extra)
-    with caplog.at_level(logging.INFO, logger="fp4serve.engine.engine"):
+    with caplog.at_level(logging.INFO, logger="fp4serve.engine"):
         llm = LLM(str(path), **ENGINE)
     assert any("scales of 2 layers are unused" in r.getMessage() for r in caplog.records)
     ref = LLM(str(checkpoint), **ENGINE)
@@ -155,7 +155,7 @@ def test_bad_flag_combinations(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("kv_cache_dtype, top", [("fp8", 448.0), ("nvfp4", 6 * 448.0)])
 def test_calculate_kv_scales_takes_the_first_prefill_amax(checkpoint, exact_caches, kv_cache_dtype, top, caplog):
-    with caplog.at_level(logging.INFO, logger="fp4serve.engine.engine"):
+    with caplog.at_level(logging.INFO, logger="fp4serve.engine"):
         llm = LLM(str(checkpoint), kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=True, **ENGINE)
     assert any("calibrated per layer on the first prefill" in r.getMessage() for r in caplog.records)
     prompt_caches(llm)

@@ -86,7 +86,7 @@ def test_the_override_variable_allows_it_with_a_warning(model, monkeypatch, capl
 
 def test_auto_is_the_models_length_or_what_the_cache_holds(model, caplog):
     assert LLM(model, max_model_len="auto", **ENGINE).engine.max_model_len == POSITIONS
-    with caplog.at_level(logging.WARNING, logger="fp4serve.engine.engine"):
+    with caplog.at_level(logging.WARNING, logger="fp4serve.engine"):
         llm = LLM(model, max_model_len=-1, dtype="float32", max_num_seqs=1, kv_cache_memory="32KiB")
     # 32 KiB / 512 bytes = 64 tokens, fewer than the model's 128
     assert llm.engine.max_model_len == 64
