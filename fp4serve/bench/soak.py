@@ -228,8 +228,6 @@ async def _scrape(client: httpx.AsyncClient, metrics_url: str) -> dict[str, floa
     for name, _, value in parse_samples(response.text):
         if name in wanted:
             values[wanted[name]] = values.get(wanted[name], 0.0) + value
-        elif "snapshot" in name and not name.endswith("_created"):
-            values[name] = values.get(name, 0.0) + value  # any GDN-snapshot gauge the server exports
     return values
 
 
@@ -261,7 +259,7 @@ async def _wait_idle(client, metrics_url, timeout_s: float) -> tuple[dict, bool]
         values = await _scrape(client, metrics_url)
         idle = not values.get("running") and not values.get("waiting") and not values.get("kv_usage")
         if idle or time.monotonic() > end:
-            gauges = {k: v for k, v in values.items() if k in GAUGE_KEYS or "snapshot" in k}
+            gauges = {k: v for k, v in values.items() if k in GAUGE_KEYS}
             return gauges, idle
         await asyncio.sleep(0.5)
 

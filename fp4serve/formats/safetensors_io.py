@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from fp4serve.errors import CheckpointError
+from fp4serve.formats.safetensors_file import read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -42,32 +43,12 @@ def tensor_names(model_dir: str | Path) -> list[str]:
     return names
 
 
-def _check_complete(path: Path) -> None:
-    """safetensors memory-maps lazily, so a truncated file would only fail (or read garbage) at
-    first touch; compare the header's data extent with the file size up front."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        header_len = int.from_bytes(head, "little")
-        if header_len > size - 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (header says {header_len} bytes)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file ({size} bytes, tensors need {8 + header_len + end})"
-        )
-
-
 def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor of every weight file, one file open at a time."""
     for path in weight_files(model_dir):
-        _check_complete(path)
+        # safetensors memory-maps lazily, so a truncated file would only fail (or read garbage) at
+        # first touch: read_header compares the header's data extent with the file size up front.
+        read_header(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from fp4serve.errors import ConfigError
 from fp4serve.formats.checkpoint import COMPRESSED_TENSORS, MODELOPT
+from fp4serve.formats.safetensors_file import read_header, write_tensors
 from fp4serve.formats.safetensors_io import INDEX_NAME
 from fp4serve.layers.linear import Linear
 from fp4serve.quantize.awq import AWQ_ALGORITHMS
@@ -26,7 +27,6 @@ from fp4serve.quantize.layer_quantizer import quantize_layer
 from fp4serve.quantize.recipes import Recipe
 from fp4serve.quantize.source_model import SourceModel
 from fp4serve.toolkit.checkpoint_dir import HF_QUANT_NAME, index_for, staged_rewrite
-from fp4serve.toolkit.safetensors_file import read_header, write_tensors
 
 ALGORITHMS = ("max", *AWQ_ALGORITHMS)
 KV_CACHE = ("fp8", "nvfp4")

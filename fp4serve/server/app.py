@@ -103,8 +103,11 @@ def build_app(
     app.add_middleware(BodySizeLimit, max_bytes=options.max_request_body_size)
     auth = _errors(401) if api_key else {}
     _add_status_routes(app, async_engine, served_model_names, auth)
-    _add_generation_routes(app, async_engine, served_model_names, options, auth, work)
-    _add_responses_routes(app, async_engine, served_model_names, options, auth, work)
+    engine = async_engine.engine
+    # One compiler for every route: it indexes the vocabulary on first use (seconds for a large one).
+    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
+    _add_generation_routes(app, async_engine, served_model_names, options, auth, work, grammars)
+    _add_responses_routes(app, async_engine, served_model_names, options, auth, work, grammars)
     _add_tokenizer_routes(app, async_engine, served_model_names, auth, work, options)
     return app
 
@@ -144,10 +147,9 @@ def _add_generation_routes(
     options: ServerOptions,
     auth: dict,
     work: PromptWork,
+    grammars: GrammarCompiler,
 ) -> None:
     """/v1/completions and /v1/chat/completions."""
-    engine = async_engine.engine
-    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
     errors = _errors(400) | auth | _errors(404, 413, 503, 500)
 
     @app.post("/v1/completions", responses=_answer(CompletionResponse) | errors)
@@ -170,10 +172,9 @@ def _add_responses_routes(
     options: ServerOptions,
     auth: dict,
     work: PromptWork,
+    grammars: GrammarCompiler,
 ) -> None:
     """/v1/responses (OpenAI's Responses API) and its stored responses (docs/serving.md)."""
-    engine = async_engine.engine
-    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)  # built on first use
     store = ResponseStore(options.responses_store_size)
     errors = _errors(400) | auth | _errors(404, 413, 503, 500)
 

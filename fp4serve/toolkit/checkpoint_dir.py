@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fp4serve.errors import CheckpointError
+from fp4serve.formats.safetensors_file import Header, SourceTensor, TensorEntry, read_header
 from fp4serve.formats.safetensors_io import INDEX_NAME
-from fp4serve.toolkit.safetensors_file import Header, SourceTensor, TensorEntry, read_header
 
 HF_QUANT_NAME = "hf_quant_config.json"
 

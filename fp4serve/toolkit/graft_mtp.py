@@ -13,10 +13,10 @@ from pathlib import Path
 
 from fp4serve.errors import CheckpointError
 from fp4serve.formats.checkpoint import QuantConfig
+from fp4serve.formats.safetensors_file import write_tensors
 from fp4serve.formats.safetensors_io import INDEX_NAME
 from fp4serve.toolkit.checkpoint_dir import HF_QUANT_NAME, CheckpointDir, index_for, staged_rewrite
 from fp4serve.toolkit.quant_lists import PREFIX_PATTERN, edit_ignore_lists, quant_method
-from fp4serve.toolkit.safetensors_file import write_tensors
 
 MTP_SHARD = "model-mtp.safetensors"
 # Text-config keys the head's shapes depend on: base and target must agree on each.

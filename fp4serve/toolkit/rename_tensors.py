@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fp4serve.errors import CheckpointError
+from fp4serve.formats.safetensors_file import TensorEntry, copy_range, encode_header, read_header
 from fp4serve.formats.safetensors_io import INDEX_NAME
 from fp4serve.toolkit.checkpoint_dir import HF_QUANT_NAME, CheckpointDir, index_for, staged_rewrite
 from fp4serve.toolkit.quant_lists import edit_ignore_lists
-from fp4serve.toolkit.safetensors_file import TensorEntry, copy_range, encode_header, read_header
 
 
 @dataclass

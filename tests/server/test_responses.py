@@ -210,14 +210,21 @@ def test_store_is_a_bounded_lru():
     assert ResponseStore(max_entries=0).put(a) is None and len(ResponseStore(0)) == 0
 
 
-def test_closed_stream_aborts_the_request(live, say, client):
-    say(" ".join(["w"] * 150))
+def test_closed_stream_aborts_the_request(live, say, client, monkeypatch):
+    script = " ".join(["w"] * 150)
+    say(script)
+    aborted = []  # what engine.abort_request returned: an output only for a request still running
+    real_abort = live.engine.abort_request
+    monkeypatch.setattr(live.engine, "abort_request", lambda rid: aborted.append(real_abort(rid)) or aborted[-1])
     stream = client.responses.create(model="scripted", input="Go on", stream=True, extra_body=NO_THINKING)
     events = iter(stream)
     while next(events).type != "response.output_text.delta":
         pass
     stream.close()
     live.wait_idle()  # the abort freed the request's KV blocks
+    (output,) = aborted
+    assert output is not None and output.outputs[0].finish_reason == "abort"
+    assert len(output.outputs[0].token_ids) < len(live.engine.tokenizer(script).input_ids)  # cut before the end
 
 
 @pytest.mark.parametrize(

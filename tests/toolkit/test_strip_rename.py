@@ -12,10 +12,10 @@ from toolkit_checkpoints import raw, split_into_shards, tensors
 
 from fp4serve.cli import main
 from fp4serve.errors import CheckpointError
+from fp4serve.formats.safetensors_file import read_header
 from fp4serve.quantize.quality import load_for_eval, sequence_logits
 from fp4serve.toolkit.doctor import run_doctor
 from fp4serve.toolkit.rename_tensors import rename_tensors
-from fp4serve.toolkit.safetensors_file import read_header
 from fp4serve.toolkit.strip_vision import strip_vision
 
 PROMPT = list(range(3, 40, 3))

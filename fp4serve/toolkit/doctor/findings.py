@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fp4serve.toolkit.safetensors_file import Header, TensorEntry
+from fp4serve.formats.safetensors_file import Header, TensorEntry
 
 ERROR, WARNING = "error", "warning"
 TARGETS = ("vllm", "fp4serve")

@@ -11,9 +11,9 @@ import json
 from collections.abc import Iterator
 
 from fp4serve.errors import CheckpointError
+from fp4serve.formats.safetensors_file import read_header
 from fp4serve.formats.safetensors_io import INDEX_NAME
 from fp4serve.toolkit.doctor.findings import ERROR, WARNING, Context, Finding, listing
-from fp4serve.toolkit.safetensors_file import read_header
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
 LFS_FIX = "fetch the real files: `git lfs pull` in the clone, or download again without GIT_LFS_SKIP_SMUDGE"

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
+from fp4serve.formats.safetensors_file import DTYPE_BYTES
 from fp4serve.toolkit.doctor.findings import ERROR, WARNING, Context, Finding, listing
-from fp4serve.toolkit.safetensors_file import DTYPE_BYTES
 
 SLICE_BYTES = 64 << 20
 FLOATS = {"F16", "BF16", "F32", "F64"}

@@ -61,7 +61,7 @@ def read_header(path: str | Path) -> Header:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         header_len = int.from_bytes(head, "little")
         if header_len > size - 8:
             raise CheckpointError(
