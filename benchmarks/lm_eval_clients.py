@@ -96,7 +96,7 @@ def main() -> None:
                     if isinstance(value, float) and "stderr" not in name:
                         rows.append((client, task, name, value, run["seconds"]))
         theirs, ours = transformers_scores(model_dir, completions["samples"]["fp4serve_mc"])
-    print(f"| lm-eval model | task | metric | value | run time (s) |\n| --- | --- | --- | --- | --- |")
+    print("| lm-eval model | task | metric | value | run time (s) |\n| --- | --- | --- | --- | --- |")
     for client, task, name, value, seconds in rows:
         print(f"| {client} | {task} | {name} | {value:.3f} | {seconds:.1f} |")
     picks = [
