@@ -3,6 +3,7 @@
 this way), read by the layers. `StepCaptures` is what layers hand back from that forward."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max_blocks] long, padded
     context_lens: torch.Tensor  # [B] long, num_computed + query_len
     state_slots: torch.Tensor  # [B] long, GDN state slot of each sequence
+    query_start_loc: torch.Tensor  # [B + 1] long, sequence i's rows are [loc[i], loc[i+1]) (GPU kernels)
     block_size: int
     # Draft tokens at the end of each sequence's rows (speculative verification): layers with
     # recurrent state keep the state after each of them in `captures`, so a partial acceptance
@@ -141,6 +143,7 @@ def build_batch(
         block_tables=tensor(table),
         context_lens=tensor([s.start + len(s.token_ids) for s in seqs]),
         state_slots=tensor([s.state_slot for s in seqs]),
+        query_start_loc=tensor([0, *itertools.accumulate(len(s.token_ids) for s in seqs)]),
         block_size=block_size,
         num_drafts=[s.num_drafts for s in seqs],
         block_ids=[s.block_ids for s in seqs],
