@@ -112,7 +112,6 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="hosts whose http(s) image URLs the server fetches (default: none; data: URLs always work)",
     )
     # vLLM flags whose request fp4serve always fulfils: accepted, and listed in docs/serving.md.
-    p.add_argument("--enforce-eager", action="store_true", help="accepted: fp4serve always runs eagerly (no graphs)")
     p.add_argument("--disable-log-requests", action="store_true", help="accepted: fp4serve does not log requests")
     p.add_argument("--disable-log-stats", action="store_true", help="accepted: statistics are only on /metrics")
     for flags, advice in UNSUPPORTED_VLLM_FLAGS.items():

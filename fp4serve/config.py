@@ -130,6 +130,13 @@ class EngineConfig:
     calculate_kv_scales: bool = engine_arg(
         False, "fp8/nvfp4 KV: calibrate each layer's k/v scales on the first prefill (default: checkpoint or 1.0)"
     )
+    enforce_eager: bool = engine_arg(
+        False, "never capture decode steps in CUDA graphs (vLLM's flag); CPU runs eagerly either way"
+    )
+    cuda_graph_sizes: str | None = engine_arg(
+        None, "decode batch sizes to capture in CUDA graphs, e.g. 1,2,4,8 (default: 1, 2, 4, then every 8 up to "
+        "--max-num-seqs, at most 256)"
+    )
     speculative_config: dict | str | None = engine_arg(
         None, 'JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\''
     )

@@ -62,6 +62,7 @@ def allocate_caches(
     max_tokens: int | None = None,
     snapshot_fraction: float = 0.0,
     max_snapshots: int = 0,
+    padding_state_slot: bool = False,
 ) -> CacheCapacity:
     """Binds cache tensors to each layer (see models/base.py cache_layers) and returns the capacity.
     State slots are sized first (they are per sequence, not per token); KV blocks take the rest.
@@ -69,7 +70,8 @@ def allocate_caches(
     most tokens the scheduler can hold at once (max_num_seqs x (max_model_len + lookahead)); no
     more blocks than those are allocated, however large the budget. snapshot_fraction: the share
     of the budget left after the sequences' state that goes to GDN snapshot slots, max_snapshots
-    of them at most."""
+    of them at most. padding_state_slot: one more state slot, after the snapshots, that no sequence
+    owns (the padding rows of captured decode graphs write there)."""
     if isinstance(kv_format, torch.dtype):
         kv_format = KVCacheFormat.plain(kv_format)
     baseline = KVCacheFormat.plain(model_dtype) if model_dtype is not None else kv_format
@@ -107,7 +109,7 @@ def allocate_caches(
             layer.bind_cache(k, v)
     for layer in state_layers:
         tensors = {
-            name: zeros((num_state_slots + num_snapshots, *shape), dtype, device)
+            name: zeros((num_state_slots + num_snapshots + int(padding_state_slot), *shape), dtype, device)
             for name, shape, dtype in layer.cache_spec().tensors
         }
         layer.bind_cache(**tensors)

@@ -33,6 +33,7 @@ class Caches:
     scheduler: Scheduler
     kv_cache_memory: int  # the budget, in bytes
     max_model_len: int  # --max-model-len auto may lower it to what the cache holds
+    padding_state_slot: int  # the state slot past every sequence's and snapshot's (0 when none is allocated)
 
 
 def build_caches(
@@ -47,9 +48,11 @@ def build_caches(
     max_model_len: int,
     eos_token_ids,
     device_total: tuple[int, str] | None,
+    padding_state_slot: bool = False,
 ) -> Caches:
     """num_speculative_tokens: 0 without drafting. device_total: the device's memory when
-    --gpu-memory-utilization sizes the budget, else None."""
+    --gpu-memory-utilization sizes the budget, else None. padding_state_slot: a GDN state slot for
+    the padding rows of captured decode graphs (Caches.padding_state_slot)."""
     layers = model.cache_layers()
     if proposer is not None:
         layers += proposer.cache_layers()  # drafter KV: same blocks and block tables as the target's
@@ -70,6 +73,7 @@ def build_caches(
         device, dtype, max_tokens=max_tokens,
         snapshot_fraction=config.gdn_snapshot_fraction if snapshots_wanted else 0.0,
         max_snapshots=max_tokens // config.mamba_block_size + config.max_num_seqs if snapshots_wanted else 0,
+        padding_state_slot=padding_state_slot and hybrid,
     )  # fmt: skip
     scales = kv_scale_source(layers, kv_format, config.calculate_kv_scales)
     declared = info.quant.kv_cache_algo if info.quant else None
@@ -118,7 +122,8 @@ def build_caches(
         config.max_num_seqs, max_model_len, capacity.state_bytes / 2**20,
         capacity.num_state_slots, max_model_len, capacity.num_tokens / max_model_len, scales,
     )  # fmt: skip
-    return Caches(capacity, block_pool, scheduler, kv_cache_memory, max_model_len)
+    padding_slot = capacity.num_state_slots + capacity.num_snapshots if padding_state_slot and hybrid else 0
+    return Caches(capacity, block_pool, scheduler, kv_cache_memory, max_model_len, padding_slot)
 
 
 def _count(n: int) -> str:

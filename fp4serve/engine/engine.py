@@ -11,10 +11,12 @@ from fp4serve.config import EngineConfig, ModelInfo
 from fp4serve.engine.cache_setup import build_caches
 from fp4serve.engine.detokenizer import IncrementalDetokenizer
 from fp4serve.engine.memory import device_memory
+from fp4serve.engine.decode_graphs import DecodeGraphs, graphs_unsupported, parse_sizes
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner, StepOutput
 from fp4serve.engine.scheduler import SchedulerPlan
 from fp4serve.engine.stats import EngineStats, PhaseTimer
+from fp4serve.kernels.triton_support import triton_reason
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.formats.kv_codec import resolve_kv_cache_format
@@ -49,10 +51,13 @@ def resolve_model_path(model: str | None, revision: str | None = None) -> Path:
 
 def describe_device(device: torch.device) -> str:
     """The device and the fast paths chosen for it, for the start log."""
+    uses_triton, why = triton_reason(device)
+    kernels = f"Triton kernels ({why})" if uses_triton else f"no Triton kernels ({why})"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return f"CUDA {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-    return f"{cpu_features().describe()}; {torch.get_num_threads()} threads"
+        return f"CUDA {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}); {kernels}"
+    described = f"{cpu_features().describe()}; {torch.get_num_threads()} threads"
+    return f"{described}; {kernels}" if uses_triton else described
 
 
 class LLMEngine:
@@ -121,20 +126,30 @@ class LLMEngine:
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
             phases.done("drafter")
+        no_graphs = "--enforce-eager" if config.enforce_eager else graphs_unsupported(self.model, self.device)
         caches = build_caches(
             config, self.model, self.proposer, self.spec_config.num_speculative_tokens if self.spec_config else 0,
             self.kv_format, self.info, self.device, self.dtype,
-            self.max_model_len, self.eos_token_ids, device_total,
+            self.max_model_len, self.eos_token_ids, device_total, padding_state_slot=no_graphs is None,
         )  # fmt: skip
         self.capacity, self.block_pool, self.scheduler = caches.capacity, caches.block_pool, caches.scheduler
         self.kv_cache_memory, self.max_model_len = caches.kv_cache_memory, caches.max_model_len
         phases.done("caches")
-        log.info("engine start-up: %s", phases)
         capture_layers = self.proposer.capture_layers if self.proposer else ()
         encoder_cache = EncoderCache(self.model.encode_images) if self.images.enabled else None
+        graphs = None
+        if no_graphs is None:
+            max_blocks = -(-(self.max_model_len + 2 * config.block_size) // config.block_size)
+            sizes = parse_sizes(config.cuda_graph_sizes, config.max_num_seqs)
+            graphs = DecodeGraphs(self.model, self.device, sizes, max_blocks, config.block_size, caches.padding_state_slot)
+            graphs.capture()
+            phases.done("graphs")
+        elif self.device.type == "cuda":
+            log.info("decode graphs: off (%s)", no_graphs)
         self.runner = ModelRunner(
-            self.model, config.block_size, self.device, capture_layers, calibrate_kv_scales, encoder_cache
+            self.model, config.block_size, self.device, capture_layers, calibrate_kv_scales, encoder_cache, graphs
         )
+        log.info("engine start-up: %s", phases)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompts: dict[str, str | None] = {}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fp4serve.engine.decode_graphs import DecodeGraphs
 from fp4serve.engine.request import Request
 from fp4serve.engine.scheduler import SchedulerPlan, SnapshotJob
 from fp4serve.forward_batch import ForwardBatch, SequenceRows, StepCaptures, build_batch
@@ -31,7 +32,8 @@ class StepOutput:
 class ModelRunner:
     """capture_layers: target decoder layers whose outputs a drafter reads (StepOutput.captures).
     calibrate_kv_scales: the first forward sets a quantized KV cache's scales from its amax.
-    encoder_cache: an image-text model's vision-tower outputs (None: the model takes no images)."""
+    encoder_cache: an image-text model's vision-tower outputs (None: the model takes no images).
+    graphs: captured decode steps (CUDA), which run the decode steps they cover."""
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class ModelRunner:
         capture_layers: tuple[int, ...] = (),
         calibrate_kv_scales: bool = False,
         encoder_cache: EncoderCache | None = None,
+        graphs: DecodeGraphs | None = None,
     ):
         self.model = model
         self.block_size = block_size
@@ -49,6 +52,7 @@ class ModelRunner:
         self.calibrate_kv_scales = calibrate_kv_scales
         self.state_layers = [m for m in model.cache_layers() if isinstance(m.cache_spec(), StateSpec)]
         self.encoder_cache = encoder_cache
+        self.graphs = graphs
 
     def prepare(self, plan: SchedulerPlan) -> ForwardBatch:
         seqs = []
@@ -93,7 +97,9 @@ class ModelRunner:
             for layer in self.state_layers:
                 layer.copy_slots([s for s, _ in plan.restores], [slot for _, slot in plan.restores])
         batch = self.prepare(plan)
-        hidden = self.model(batch)
+        hidden = self.graphs.run(batch) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.model(batch)
         sample_rows = [i for i, item in enumerate(plan.scheduled) if item.samples]
         # A verified request needs logits at its last token and at each draft (1 + k rows).
         ends = [batch.query_start[i + 1] for i in sample_rows]

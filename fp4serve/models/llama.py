@@ -15,6 +15,7 @@ from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.kernels import cpu_decode
+from fp4serve.kernels.triton_support import use_triton
 from fp4serve.layers.activation import silu_and_mul
 from fp4serve.layers.attention import PagedAttention
 from fp4serve.layers.linear import Linear, PlainLinearMethod
@@ -143,6 +144,8 @@ class LlamaModel(nn.Module):
         chunks), or None (the per-layer path runs). Built on the first such step, once the engine
         has bound the caches, and again if they are rebound."""
         if batch.num_tokens > FUSED_MAX_ROWS["nvfp4"] or batch.input_ids.device.type != "cpu":
+            return None
+        if use_triton(batch.input_ids):  # FP4SERVE_TRITON=1 on CPU: the per-layer Triton path, under test
             return None
         if batch.capture_layers or batch.calibrate_kv_scales:
             return None  # a drafter's taps on layer outputs, or KV-scale calibration: the per-layer path

@@ -46,6 +46,8 @@ ENGINE_FLAGS = [
     (["--nvfp4-compute"], ["auto", "w4a16", "w4a4"]),
     (["--kv-cache-dtype"], ["auto", "bfloat16", "fp8", "fp8_e4m3", "nvfp4"]),
     (["--calculate-kv-scales"], None),
+    (["--enforce-eager"], None),
+    (["--cuda-graph-sizes"], None),
     (["--speculative-config"], None),
     (["--gpu-memory-utilization"], None),
     (["--tensor-parallel-size", "-tp"], None),
