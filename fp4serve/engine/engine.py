@@ -9,18 +9,18 @@ import torch
 
 from fp4serve.config import EngineConfig, ModelInfo
 from fp4serve.engine.cache_setup import build_caches
+from fp4serve.engine.decode_graphs import DecodeGraphs, graphs_unsupported, parse_sizes
 from fp4serve.engine.detokenizer import IncrementalDetokenizer
 from fp4serve.engine.memory import device_memory
-from fp4serve.engine.decode_graphs import DecodeGraphs, graphs_unsupported, parse_sizes
 from fp4serve.engine.request import Request, RequestStatus
 from fp4serve.engine.runner import ModelRunner, StepOutput
 from fp4serve.engine.scheduler import SchedulerPlan
 from fp4serve.engine.stats import EngineStats, PhaseTimer
-from fp4serve.kernels.triton_support import triton_reason
 from fp4serve.errors import ConfigError, InvalidRequestError
 from fp4serve.formats.checkpoint import resolve_quantization
 from fp4serve.formats.kv_codec import resolve_kv_cache_format
 from fp4serve.kernels.cpu_features import cpu_features
+from fp4serve.kernels.triton_support import triton_reason
 from fp4serve.max_model_len import check_max_model_len
 from fp4serve.model_path import resolve_model_dir
 from fp4serve.models.loader import load_model
