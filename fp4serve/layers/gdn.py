@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4serve.forward_batch import ForwardBatch, VerifiedStates
+from fp4serve.kernels.triton_support import use_triton
 from fp4serve.layers.cache_spec import StateSpec
 from fp4serve.layers.linear import Linear
 
@@ -214,19 +215,31 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]. All one-token rows of the step go through one vectorized
-        recurrent step (decode speed); longer chunks go one sequence at a time through the chunked rule."""
+        recurrent step (decode speed); longer chunks go one sequence at a time through the chunked
+        rule (on the Triton path, all in one varlen call)."""
         T = x.shape[0]
         qkv, z = self.in_proj_qkvz(x).split(self.in_proj_qkvz.output_sizes, dim=-1)
         b, a = self.in_proj_ba(x).split(self.in_proj_ba.output_sizes, dim=-1)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32, or fp16 A would overflow
-        core = x.new_empty(T, self.num_v_heads, self.head_v_dim)
+        triton = use_triton(x)
+        if batch.decode_only:
+            # every row, in order, no gathers: with the Triton kernels nothing here reads the device
+            # from the host or makes a tensor from a list, so the step can be captured in a CUDA graph
+            core = self._mix(qkv[:, None], g[:, None], beta[:, None], batch, slice(None), triton)[:, 0]
+        else:
+            core = self._mixed_step(qkv, g, beta, batch, triton)
+        core = self.norm(core, z.view(T, self.num_v_heads, self.head_v_dim))
+        return self.out_proj(core.view(T, self.value_dim))
+
+    def _mixed_step(self, qkv, g, beta, batch: ForwardBatch, triton: bool) -> torch.Tensor:
+        """A step with prefill chunks or verification rows: [T, Hv, dv], each kind of row batched apart."""
+        core = qkv.new_empty(qkv.shape[0], self.num_v_heads, self.head_v_dim)
         drafts = batch.num_drafts or [0] * batch.num_seqs
         decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
         if decode:
-            rows = torch.tensor([batch.query_start[i] for i in decode], device=x.device)
-            out = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], batch, decode, chunked=False)
-            core[rows] = out[:, 0]
+            rows = torch.tensor([batch.query_start[i] for i in decode], device=qkv.device)
+            core[rows] = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], batch, decode, triton)[:, 0]
         # Verification rows (last token + drafts): token by token, keeping the state after each in
         # batch.captures (for restore_verified), batched over the sequences that verify as many tokens.
         by_length: dict[int, list[int]] = {}
@@ -234,56 +247,75 @@ class GatedDeltaNet(nn.Module):
             if n != 1 and drafts[i]:
                 by_length.setdefault(n, []).append(i)
         for n, seqs in by_length.items():
-            rows = torch.cat([torch.arange(batch.query_start[i], batch.query_start[i] + n) for i in seqs]).to(x.device)
-            shape = (len(seqs), n)
+            rows = torch.cat([torch.arange(batch.query_start[i], batch.query_start[i] + n) for i in seqs]).to(qkv.device)
+            shape = (len(seqs), n, -1)
             out = self._mix(
-                qkv[rows].view(*shape, -1),
-                g[rows].view(*shape, -1),
-                beta[rows].view(*shape, -1),
-                batch,
-                seqs,
-                chunked=False,
-                keep_states=True,
+                qkv[rows].view(shape), g[rows].view(shape), beta[rows].view(shape), batch, seqs, triton, keep_states=True
             )
             core[rows] = out.flatten(0, 1)
-        for i, n in enumerate(batch.query_lens):
-            if n != 1 and not drafts[i]:
-                rows = batch.seq_rows(i)
-                core[rows] = self._mix(qkv[None, rows], g[None, rows], beta[None, rows], batch, [i], chunked=True)[0]
-        core = self.norm(core, z.view(T, self.num_v_heads, self.head_v_dim))
-        return self.out_proj(core.view(T, self.value_dim))
+        prefill = [i for i, n in enumerate(batch.query_lens) if n != 1 and not drafts[i]]
+        if prefill and triton:
+            self._prefill_triton(qkv, g, beta, batch, prefill, core)
+            return core
+        for i in prefill:
+            rows = batch.seq_rows(i)
+            core[rows] = self._mix(qkv[None, rows], g[None, rows], beta[None, rows], batch, [i], triton, chunked=True)[0]
+        return core
 
     def _mix(
-        self, qkv, g, beta, batch: ForwardBatch, seqs: list[int], chunked: bool, keep_states: bool = False
+        self, qkv, g, beta, batch: ForwardBatch, seqs, triton: bool, chunked: bool = False, keep_states: bool = False
     ) -> torch.Tensor:
-        """Conv + delta rule for sequences `seqs`, inputs [B, T, ...] (B = len(seqs)): reads their
-        slots (zeros for fresh sequences, whose slot may hold a previous owner's state), writes the
-        final window and state back (and, with keep_states, what restore_verified needs, into
-        batch.captures.verified).
+        """Conv + delta rule for sequences `seqs` (indices, or slice(None) for all), inputs [B, T, ...]:
+        reads their slots (zeros for fresh sequences, whose slot may hold a previous owner's state),
+        writes the final window and state back (and, with keep_states, what restore_verified needs,
+        into batch.captures.verified).
         Returns [B, T, Hv, dv] in the model dtype."""
-        slots = batch.state_slots[seqs]
-        fresh = [batch.num_computed[i] == 0 for i in seqs]
+        slots, fresh = batch.state_slots[seqs], _fresh(batch)[seqs]
+        q, k, v, conv_inputs = self._conv(qkv, slots, fresh, keep_inputs=keep_states)
+        B, T = q.shape[:2]
+        states = q.new_empty(B, T, self.num_v_heads, self.head_k_dim, self.head_v_dim) if keep_states else None
+        if triton:
+            from fp4serve.kernels.triton_gdn import fused_recurrent_gated_delta_rule
+
+            out = fused_recurrent_gated_delta_rule(q, k, v, g, beta, self.recurrent_state, slots, fresh, states_out=states)
+        else:
+            state = self._read(self.recurrent_state, slots, fresh)
+            if chunked:
+                out, state = chunk_gated_delta_rule(q, k, v, g, beta, state)
+            else:
+                out, state = recurrent_gated_delta_rule(q, k, v, g, beta, state, states_out=states)
+            self.recurrent_state[slots] = state
+        if keep_states:
+            verified = batch.captures.verified.setdefault(self, {})
+            for b, i in enumerate(seqs):
+                verified[i] = VerifiedStates(int(slots[b]), conv_inputs[b], states[b])
+        return out.to(qkv.dtype)
+
+    def _prefill_triton(self, qkv, g, beta, batch: ForwardBatch, seqs: list[int], core: torch.Tensor) -> None:
+        """The prefill chunks of `seqs`: the conv one sequence at a time, then the delta rule for all
+        of them in one varlen call (fla's chunked kernels on CUDA)."""
+        from fp4serve.kernels.triton_gdn import prefill_gated_delta_rule
+
+        slots, fresh = batch.state_slots[seqs], _fresh(batch)[seqs]
+        parts = [self._conv(qkv[None, batch.seq_rows(i)], slots[j : j + 1], fresh[j : j + 1]) for j, i in enumerate(seqs)]
+        q, k, v = (torch.cat([p[n] for p in parts], dim=1) for n in range(3))
+        rows = torch.cat([torch.arange(batch.query_start[i], batch.query_start[i + 1]) for i in seqs]).to(qkv.device)
+        cu_seqlens = torch.tensor([0] + [batch.query_lens[i] for i in seqs], device=qkv.device).cumsum(0)
+        out = prefill_gated_delta_rule(q, k, v, g[None, rows], beta[None, rows], self.recurrent_state, slots, fresh, cu_seqlens)
+        core[rows] = out[0].to(core.dtype)
+
+    def _conv(self, qkv, slots, fresh, keep_inputs: bool = False):
+        """The causal conv over qkv [B, T, C] from the slots' windows (written back): (q, k, v,
+        the window and inputs [B, K-1+T, C] when keep_inputs), q and k L2-normalised in fp32."""
         window = self._read(self.conv_state, slots, fresh)
-        state = self._read(self.recurrent_state, slots, fresh)
-        conv_inputs = torch.cat([window.to(qkv.dtype), qkv], dim=1) if keep_states else None
+        conv_inputs = torch.cat([window.to(qkv.dtype), qkv], dim=1) if keep_inputs else None
         mixed, window = causal_conv1d(qkv, window, self.conv1d.weight.squeeze(1))
+        self.conv_state[slots] = window.to(self.conv_state.dtype)
         B, T = mixed.shape[:2]
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2norm(q.reshape(B, T, self.num_k_heads, self.head_k_dim).float())
         k = l2norm(k.reshape(B, T, self.num_k_heads, self.head_k_dim).float())
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        if chunked:
-            out, state = chunk_gated_delta_rule(q, k, v, g, beta, state)
-        else:
-            states = q.new_empty(B, T, self.num_v_heads, self.head_k_dim, self.head_v_dim) if keep_states else None
-            out, state = recurrent_gated_delta_rule(q, k, v, g, beta, state, states_out=states)
-            if keep_states:
-                verified = batch.captures.verified.setdefault(self, {})
-                for b, i in enumerate(seqs):
-                    verified[i] = VerifiedStates(int(slots[b]), conv_inputs[b], states[b])
-        self.conv_state[slots] = window.to(self.conv_state.dtype)
-        self.recurrent_state[slots] = state
-        return out.to(qkv.dtype)
+        return q, k, v.reshape(B, T, self.num_v_heads, self.head_v_dim), conv_inputs
 
     def restore_verified(self, verified: dict[int, VerifiedStates], kept: dict[int, int]) -> None:
         """Put back the state after the first kept[i] tokens of verified sequence i (the last
@@ -306,8 +338,14 @@ class GatedDeltaNet(nn.Module):
         self.recurrent_state[dst] = self.recurrent_state[src]
 
     @staticmethod
-    def _read(cache: torch.Tensor, slots: torch.Tensor, fresh: list[bool]) -> torch.Tensor:
-        values = cache[slots]  # a copy: the cache changes only when the new state is written back
-        if any(fresh):
-            values[torch.tensor(fresh, device=values.device)] = 0
-        return values
+    def _read(cache: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """cache[slots], a copy (the cache changes only when the new state is written back), zeros
+        where fresh: torch.where, not masked assignment, which would read the mask on the host."""
+        values = cache[slots]
+        return torch.where(fresh.view(-1, *[1] * (values.dim() - 1)), 0, values)
+
+
+def _fresh(batch: ForwardBatch) -> torch.Tensor:
+    """[B] bool: sequences with nothing cached before this step. From device tensors (context_lens ==
+    query_len), not batch.num_computed, which captured decode steps fill with placeholders."""
+    return batch.memo("gdn_fresh", lambda: batch.context_lens == batch.query_start_loc.diff())
