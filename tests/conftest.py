@@ -106,3 +106,9 @@ def paged_batch(shapes, tables, block_size):
 
     seqs = [SequenceRows([0] * q, c, list(t)) for (c, q), t in zip(shapes, tables)]
     return build_batch(seqs, block_size, pad_block=tables[0][0])
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the Triton kernel tests (tests/triton/) run: the GPU, else CPU under the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

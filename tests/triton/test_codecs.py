@@ -1,12 +1,20 @@
 """The in-kernel number formats, bit for bit against formats/nvfp4.py and torch's casts, over every code."""
 from __future__ import annotations
 
+import pytest
 import torch
-import triton
+
+triton = pytest.importorskip("triton")
 import triton.language as tl
 
 from fp4serve.formats.nvfp4 import E2M1_VALUES, E4M3_BYTE_VALUES, e2m1_codes
-from fp4serve.kernels.triton_codecs import e2m1_code, e2m1_value, e4m3_code, e4m3_value, round_to_bf16
+from fp4serve.kernels.triton_codecs import (
+    e2m1_code,
+    e2m1_value,
+    e4m3_code,
+    e4m3_value,
+    round_to_bf16,
+)
 
 
 @triton.jit
