@@ -270,7 +270,7 @@ class GatedDeltaNet(nn.Module):
         writes the final window and state back (and, with keep_states, what restore_verified needs,
         into batch.captures.verified).
         Returns [B, T, Hv, dv] in the model dtype."""
-        slots, fresh = batch.state_slots[seqs], _fresh(batch)[seqs]
+        slots, fresh = batch.state_slots[seqs], _fresh(batch, seqs, triton)
         q, k, v, conv_inputs = self._conv(qkv, slots, fresh, keep_inputs=keep_states)
         B, T = q.shape[:2]
         states = q.new_empty(B, T, self.num_v_heads, self.head_k_dim, self.head_v_dim) if keep_states else None
@@ -296,7 +296,7 @@ class GatedDeltaNet(nn.Module):
         of them in one varlen call (fla's chunked kernels on CUDA)."""
         from fp4serve.kernels.triton_gdn import prefill_gated_delta_rule
 
-        slots, fresh = batch.state_slots[seqs], _fresh(batch)[seqs]
+        slots, fresh = batch.state_slots[seqs], _fresh(batch, seqs, triton=True)
         parts = [self._conv(qkv[None, batch.seq_rows(i)], slots[j : j + 1], fresh[j : j + 1]) for j, i in enumerate(seqs)]
         q, k, v = (torch.cat([p[n] for p in parts], dim=1) for n in range(3))
         rows = torch.cat([torch.arange(batch.query_start[i], batch.query_start[i + 1]) for i in seqs]).to(qkv.device)
@@ -338,14 +338,20 @@ class GatedDeltaNet(nn.Module):
         self.recurrent_state[dst] = self.recurrent_state[src]
 
     @staticmethod
-    def _read(cache: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    def _read(cache: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
         """cache[slots], a copy (the cache changes only when the new state is written back), zeros
         where fresh: torch.where, not masked assignment, which would read the mask on the host."""
         values = cache[slots]
-        return torch.where(fresh.view(-1, *[1] * (values.dim() - 1)), 0, values)
+        return values if fresh is None else torch.where(fresh.view(-1, *[1] * (values.dim() - 1)), 0, values)
 
 
-def _fresh(batch: ForwardBatch) -> torch.Tensor:
-    """[B] bool: sequences with nothing cached before this step. From device tensors (context_lens ==
-    query_len), not batch.num_computed, which captured decode steps fill with placeholders."""
-    return batch.memo("gdn_fresh", lambda: batch.context_lens == batch.query_start_loc.diff())
+def _fresh(batch: ForwardBatch, seqs, triton: bool) -> torch.Tensor | None:
+    """[B] bool for `seqs`: sequences with nothing cached before this step. From device tensors
+    (context_lens == query_len), not batch.num_computed, which captured decode steps fill with
+    placeholders. None on the torch path when the host lists none as fresh: the state is then read
+    without a second copy."""
+    if not triton:
+        listed = range(batch.num_seqs)[seqs] if isinstance(seqs, slice) else seqs
+        if all(batch.num_computed[i] for i in listed):
+            return None
+    return batch.memo("gdn_fresh", lambda: batch.context_lens == batch.query_start_loc.diff())[seqs]
