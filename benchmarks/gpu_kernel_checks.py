@@ -1,0 +1,59 @@
+"""gpu_check.py's first rows: each Triton kernel against its torch reference on the device, at the
+27B's shapes (toy shapes with --smoke). Errors are max |kernel - reference|, and relative to the
+reference's max |value| where the outputs are rounded (bf16) or accumulated in another order."""
+
+from __future__ import annotations
+
+import torch
+
+from fp4serve.layers.gdn import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> str:
+    err = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item() or 1.0
+    return f"max err {err:.2e} ({err / scale:.1e} of max)"
+
+
+def gdn_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
+    from fp4serve.kernels import fla_gdn
+    from fp4serve.kernels.triton_gdn import fused_recurrent_gated_delta_rule, prefill_gated_delta_rule
+
+    Hk, Hv, dk, dv = (2, 4, 16, 16) if smoke else (16, 48, 128, 128)
+    batch, prompt = (3, 40) if smoke else (64, 2048)
+    torch.manual_seed(0)
+
+    def inputs(B, T):
+        q = l2norm(torch.randn(B, T, Hk, dk, device=device))
+        k = l2norm(torch.randn(B, T, Hk, dk, device=device))
+        v = torch.randn(B, T, Hv, dv, device=device)
+        g = -torch.rand(B, T, Hv, device=device) * 0.5
+        beta = torch.rand(B, T, Hv, device=device)
+        return q, k, v, g, beta
+
+    rows = []
+    state = torch.randn(batch, Hv, dk, dv, device=device) * 0.1
+    slots = torch.arange(batch, device=device)
+    not_fresh = torch.zeros(batch, dtype=torch.bool, device=device)
+    for name, T in (("decode", 1), ("verification 1+3", 4)):
+        q, k, v, g, beta = inputs(batch, T)
+        cache = state.clone()
+        states = torch.empty(batch, T, Hv, dk, dv, device=device) if T > 1 else None
+        out = fused_recurrent_gated_delta_rule(q, k, v, g, beta, cache, slots, not_fresh, states_out=states)
+        want, final = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+        rows.append((f"GDN {name}, {batch} seqs, fp32", f"{relative(out, want)}; state {relative(cache, final)}", ""))
+    q, k, v, g, beta = inputs(1, prompt)
+    cache = state[:1].clone()
+    fresh = torch.ones(1, dtype=torch.bool, device=device)
+    cu_seqlens = torch.tensor([0, prompt], device=device)
+    out = prefill_gated_delta_rule(q, k, v.bfloat16(), g, beta, cache, slots[:1], fresh, cu_seqlens)
+    want, final = chunk_gated_delta_rule(q, k, v.bfloat16().float(), g, beta)
+    path = "fla-core chunked" if fla_gdn.usable(q) else "recurrent kernel (no fla)"
+    rows.append((f"GDN prefill {prompt} tokens, bf16 v, {path}", f"{relative(out, want)}; state {relative(cache, final)}",
+                 "~1e-2 of max (bf16 output)"))  # fmt: skip
+    return rows
+
+
+def kernel_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
+    return gdn_rows(device, smoke)
+
