@@ -37,6 +37,7 @@ from fp4serve.formats.nvfp4 import (
     unpack_fp4,
 )
 from fp4serve.kernels.cpu_nvfp4 import nvfp4_linear
+from fp4serve.kernels.triton_support import use_triton
 from fp4serve.layers.linear import LinearMethod
 
 log = logging.getLogger(__name__)
@@ -218,13 +219,19 @@ class NVFP4LinearMethod(LinearMethod):
         return x
 
     def apply(self, layer, x):
+        if use_triton(x):
+            # imported here: triton is optional (the `cuda` extra) and never imported where unused
+            from fp4serve.kernels.triton_nvfp4 import nvfp4_linear_triton as linear
+        else:
+            linear = nvfp4_linear
         outputs = []
         for rows, shard in layer.activation_groups:
             xs = self.transform_input(layer, x, shard)
             bias = layer.bias[rows] if layer.bias is not None else None
-            # the same weights as dequantized_weight(), decoded tile by tile (kernels/cpu_nvfp4.py)
+            # the same weights as dequantized_weight(), decoded tile by tile (kernels/cpu_nvfp4.py or
+            # kernels/triton_nvfp4.py)
             outputs.append(
-                nvfp4_linear(xs, layer.weight_packed[rows], layer.weight_scale[rows], layer.row_global[rows], bias)
+                linear(xs, layer.weight_packed[rows], layer.weight_scale[rows], layer.row_global[rows], bias)
             )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
