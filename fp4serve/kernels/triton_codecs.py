@@ -23,11 +23,15 @@ def round_to_bf16(x):
 
 @triton.jit
 def e2m1_value(code):
-    """4-bit E2M1 code (int32, 0..15; bit 3 the sign) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6."""
-    exponent = (code >> 1) & 3
-    mantissa = (code & 1).to(tl.float32)
-    magnitude = tl.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * (1 << exponent).to(tl.float32) * 0.5)
-    return tl.where((code & 8) != 0, -magnitude, magnitude)
+    """4-bit E2M1 code (int32, 0..15; bit 3 the sign) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6.
+
+    The code's bits, placed in an fp16 (sign at bit 15, exponent and mantissa at bits 10..9), are
+    that fp16's sign, low exponent bits and top mantissa bit, so the fp16 is the E2M1 value times
+    2^-14 (exponent 0 included: fp16 subnormals are exact). Five integer operations and one
+    multiply per weight, where decoding the fields costs about three times as many: the NVFP4 GEMV
+    decodes one code per weight byte read and must keep up with HBM."""
+    bits = ((code & 8) << 12) | ((code & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
 
 
 @triton.jit
