@@ -5,7 +5,9 @@ reference's max |value| where the outputs are rounded (bf16) or accumulated in a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from fp4serve.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from fp4serve.layers.gdn import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
 
 
@@ -13,6 +15,23 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> str:
     err = (got.float() - want.float()).abs().max().item()
     scale = want.float().abs().max().item() or 1.0
     return f"max err {err:.2e} ({err / scale:.1e} of max)"
+
+
+def gemm_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
+    """NVFP4 W4A16 against dequantize + F.linear in bf16, at the 27B MLP's gate/up and down shapes."""
+    from fp4serve.kernels.triton_nvfp4 import nvfp4_linear_triton
+
+    shapes = [(64, 64)] if smoke else [(2 * 17408, 5120), (5120, 17408)]
+    rows = []
+    torch.manual_seed(0)
+    for n, k in shapes:
+        q = quantize_nvfp4(torch.randn(n, k, device=device) * 0.02)
+        w = dequantize_nvfp4(q, torch.bfloat16)
+        for m in (1, 16) if smoke else (1, 16, 256):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            got = nvfp4_linear_triton(x, q.packed, q.block_scale, q.global_scale)
+            rows.append((f"NVFP4 GEMM {m}x{k} @ {n}x{k}^T, bf16", relative(got, F.linear(x, w)), "~4e-3 of max (bf16)"))
+    return rows
 
 
 def gdn_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
@@ -55,5 +74,5 @@ def gdn_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
 
 
 def kernel_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
-    return gdn_rows(device, smoke)
+    return gemm_rows(device, smoke) + gdn_rows(device, smoke)
 
