@@ -8,14 +8,18 @@ a sequence with c tokens cached before this step sits at position c + j; its con
 context_lens[i] = c + query_len tokens, this step's K/V included (written to the cache first, by
 kernels/triton_kv_write.py).
 
-Grid (query tiles, KV heads). A program takes BLOCK_Q consecutive query tokens of one sequence and
-all GROUP query heads that share its KV head, as the BLOCK_M = BLOCK_Q * GROUP rows of one tile
-(row m: token m // GROUP, head m % GROUP), so each KV tile is read and decoded once per KV head and
-feeds a tensor-core dot of height >= 16 even for a decode row (GROUP heads, the rest masked). The
-query tiles are numbered as in vLLM's unified Triton attention: sequence i's tiles start at
-query_start_loc[i] // BLOCK_Q + i, so T // BLOCK_Q + num_seqs programs cover any batch and each
+Grid (query tiles, KV heads, splits). A program takes BLOCK_Q consecutive query tokens of one
+sequence and all GROUP query heads that share its KV head, as the BLOCK_M = BLOCK_Q * GROUP rows of
+one tile (row m: token m // GROUP, head m % GROUP), so each KV tile is read and decoded once per KV
+head and feeds a tensor-core dot of height >= 16 even for a decode row (GROUP heads, the rest
+masked). The query tiles are numbered as in vLLM's unified Triton attention: sequence i's tiles start
+at query_start_loc[i] // BLOCK_Q + i, so T // BLOCK_Q + num_seqs programs cover any batch and each
 finds its sequence by a binary search over query_start_loc, all on the device. Programs past a
 sequence's last tile return at once.
+
+Decode steps (every row one token) that would leave the GPU's SMs idle also split each row's keys
+over `num_splits` programs (flash-decoding): each writes its unnormalised fp32 sum with its running
+max and total, and `_combine_splits_kernel` rescales and adds them per (token, head).
 
 Per program: keys in tiles of BLOCK_N positions, gathered through the block table position by
 position (so BLOCK_N does not depend on the cache's block size) and decoded in registers as
@@ -28,11 +32,12 @@ window: from its first visible one).
 Launch inputs are the ForwardBatch's device tensors and Python ints: nothing is read back to the
 host, so decode steps can be captured in CUDA graphs.
 
-Not done: splitting a long context over several programs (flash-decoding). A decode step has
-(num_seqs + num_seqs // BLOCK_Q) * Hkv busy programs, enough for large batches but few at batch 1.
+Not measured: speed (no GPU here); the tile sizes are a first guess, not tuned.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -44,6 +49,9 @@ from fp4serve.kernels.triton_kv_write import FORMAT_CODES, FP8, NVFP4, PLAIN, TL
 from fp4serve.kernels.triton_support import emulate_bf16
 
 LOG2_E = 1.4426950408889634
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 16
+INTERPRETER_SMS = 16
 
 
 @triton.jit
@@ -62,14 +70,14 @@ def _decoded_tile(rows, cols, mask, scale, D: tl.constexpr, FORMAT: tl.constexpr
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr,
-    k_scale_ptr, v_scale_ptr, qk_scale_log2, num_seqs, window,
+    k_scale_ptr, v_scale_ptr, partial_m_ptr, partial_l_ptr, partial_acc_ptr, qk_scale_log2, num_seqs, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_block, stride_slot, stride_head,
-    GROUP: tl.constexpr, D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    T, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, SLIDING: tl.constexpr, FORMAT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, SLIDING: tl.constexpr, FORMAT: tl.constexpr,
     DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):  # fmt: skip
-    q_tile, kv_head = tl.program_id(0), tl.program_id(1)
+    q_tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # the last sequence whose first tile number (query_start_loc[i] // BLOCK_Q + i) is <= q_tile
     lo, hi = 0, num_seqs
     while hi - lo > 1:
@@ -104,6 +112,10 @@ def _paged_attention_kernel(
             k_start = tl.maximum(cached + tile * BLOCK_Q - window + 1, 0)
     else:
         k_start, k_end = 0, ctx
+    if NUM_SPLITS > 1:  # this program's share of those keys, in whole tiles
+        span = tl.cdiv(tl.cdiv(k_end - k_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        k_start = k_start + split * span
+        k_end = tl.minimum(k_start + span, k_end)
     k_scale, v_scale = 1.0, 1.0
     if FORMAT != PLAIN:
         k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
@@ -140,9 +152,34 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_rows = out_ptr + (q_first + token).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
-    tl.store(out_rows + cols, to_stored(out, DTYPE, EMULATE_BF16), mask=row_valid[:, None] & col_valid)
+    if NUM_SPLITS > 1:  # unnormalised, with the running max and sum: _combine_splits_kernel finishes
+        part = (split * T + q_first + token).to(tl.int64) * H + head  # [NUM_SPLITS, T, H] row index
+        tl.store(partial_m_ptr + part, m_i, mask=row_valid)
+        tl.store(partial_l_ptr + part, l_i, mask=row_valid)
+        tl.store(partial_acc_ptr + part[:, None] * D + cols, acc, mask=row_valid[:, None] & col_valid)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_rows = out_ptr + (q_first + token).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(out_rows + cols, to_stored(out, DTYPE, EMULATE_BF16), mask=row_valid[:, None] & col_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    partial_m_ptr, partial_l_ptr, partial_acc_ptr, out_ptr, T, stride_ot, stride_oh,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):  # fmt: skip
+    """One (token, head): the splits' partial softmax sums, rescaled to their common max, added."""
+    token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    part = (tl.arange(0, NUM_SPLITS) * T + token) * H + head
+    m = tl.load(partial_m_ptr + part)
+    top = tl.max(m, axis=0)
+    weight = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # a split that saw no key: weight 0
+    total = tl.sum(tl.load(partial_l_ptr + part) * weight, axis=0)
+    cols = tl.arange(0, BLOCK_D)
+    acc = tl.load(partial_acc_ptr + part[:, None] * D + cols[None, :], mask=cols[None, :] < D, other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + cols, to_stored(out, DTYPE, EMULATE_BF16), mask=cols < D)
 
 
 def launch_config(max_query_len: int, group: int, head_dim: int) -> dict:
@@ -159,6 +196,25 @@ def launch_config(max_query_len: int, group: int, head_dim: int) -> dict:
         "BLOCK_N": 64 if head_dim <= 128 else 32,
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
     }
+
+
+def num_splits(max_query_len: int, programs: int, device: torch.device) -> int:
+    """How many programs share each decode row's keys (flash-decoding): a decode step is memory bound
+    and, at small batches, has far fewer (row tile, KV head) programs than the GPU has SMs. Context
+    lengths are on the device only, so the count follows from the grid: a power of two (for the
+    combining kernel's tile) that brings it to PROGRAMS_PER_SM per SM, at most MAX_SPLITS. Splits past
+    a short context find no keys and cost one early exit. Steps with longer rows have programs enough."""
+    target = PROGRAMS_PER_SM * _sm_count(device)
+    if max_query_len > 1 or programs >= target:
+        return 1
+    return min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(target, programs)))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # the interpreter: a small nominal GPU keeps the tests' grids small
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def paged_attention_triton(
@@ -195,13 +251,24 @@ def paged_attention_triton(
     config = launch_config(max_query_len, H // Hkv, D)
     num_seqs = query_start_loc.shape[0] - 1
     grid = (T // config["BLOCK_Q"] + num_seqs, Hkv)
-    _paged_attention_kernel[grid](
+    splits = num_splits(max_query_len, grid[0] * grid[1], q.device)
+    partial_m = partial_l = partial_acc = out  # placeholders: one split writes no partial results
+    if splits > 1:
+        partial_m, partial_l = (torch.empty(splits, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
+        partial_acc = torch.empty(splits, T, H, D, dtype=torch.float32, device=q.device)
+    _paged_attention_kernel[(*grid, splits)](
         q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, k_scale, v_scale,
-        scale * LOG2_E, num_seqs, sliding_window or 0,
+        partial_m, partial_l, partial_acc, scale * LOG2_E, num_seqs, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=H // Hkv, D=D, CACHE_BLOCK=k_cache.shape[1], **config,
+        T, H=H, GROUP=H // Hkv, D=D, CACHE_BLOCK=k_cache.shape[1], **config, NUM_SPLITS=splits,
         CAUSAL=causal, SLIDING=causal and sliding_window is not None, FORMAT=fmt,
         DTYPE=TL_DTYPES[q.dtype], EMULATE_BF16=emulate_bf16(), num_warps=4,
     )  # fmt: skip
+    if splits > 1:
+        _combine_splits_kernel[(T, H)](
+            partial_m, partial_l, partial_acc, out, T, out.stride(0), out.stride(1),
+            H=H, D=D, BLOCK_D=config["BLOCK_D"], NUM_SPLITS=splits,
+            DTYPE=TL_DTYPES[q.dtype], EMULATE_BF16=emulate_bf16(), num_warps=1,
+        )  # fmt: skip
     return out

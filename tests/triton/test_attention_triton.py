@@ -17,13 +17,13 @@ pytest.importorskip("triton")
 
 from fp4serve.formats.kv_codec import KVCacheFormat, KVQuant
 from fp4serve.forward_batch import SequenceRows, build_batch
-from fp4serve.kernels.triton_attention import paged_attention_triton
+from fp4serve.kernels.triton_attention import launch_config, num_splits, paged_attention_triton
 from fp4serve.layers.attention import PagedAttention, paged_attention_ref, write_kv
 
 # (cached tokens, query tokens): a fresh prefill, decodes (one fresh), a chunk over a cached prefix,
 # a verification of 1 + 3 drafts, and a 70-token chunk after 40 cached tokens (110 keys: 2 key tiles)
 MIXED = [(0, 9), (13, 1), (5, 6), (0, 1), (22, 4), (40, 70)]
-DECODES = [(6, 1), (31, 1), (0, 1), (17, 1)]
+DECODES = [(6, 1), (150, 1), (0, 1), (77, 1)]  # 151 keys: split over programs (flash-decoding)
 
 # Tolerance in rounding steps (ulps) of the dtype at the largest |output|. fp32: the kernel differs
 # from the reference only in summation order (measured <= 3 ulps; 8 allowed). 16-bit models: each
@@ -134,8 +134,11 @@ def test_sliding_window(device, window):
 
 @pytest.mark.parametrize(("name", "dtype", "window"), [("bfloat16", torch.bfloat16, None), ("nvfp4", torch.float32, 4)])
 def test_decode_only_step(device, name, dtype, window):
-    """The captured kind of step: one token per sequence (BLOCK_M = 16 rows: the group of 4, padded)."""
+    """The captured kind of step: one token per sequence (BLOCK_M = 16 rows: the group of 4, padded),
+    each row's keys split over several programs whose partial sums a second kernel combines."""
     case = Case(DECODES, 8, 2, 64, KVCacheFormat(name), dtype, block_size=4, seed=5)
+    programs = (len(DECODES) // launch_config(1, 4, 64)["BLOCK_Q"] + len(DECODES)) * 2
+    assert num_splits(1, programs, torch.device(device)) > 1, "the keys must be split over programs here"
     check(case.triton(device, window=window), case.reference(window=window))
 
 
