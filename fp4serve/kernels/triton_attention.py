@@ -79,7 +79,10 @@ def _paged_attention_kernel(
 ):  # fmt: skip
     q_tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # the last sequence whose first tile number (query_start_loc[i] // BLOCK_Q + i) is <= q_tile
-    lo, hi = 0, num_seqs
+    # int32 scalars from the start: loop-carried values must keep one type when compiled (num_seqs == 1
+    # arrives as a constexpr)
+    lo = tl.zeros((), dtype=tl.int32)
+    hi = lo + num_seqs
     while hi - lo > 1:
         mid = (lo + hi) // 2
         starts_before = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= q_tile

@@ -46,15 +46,14 @@ def _encode_rows(
         odd = tl.load(x_rows + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(scale_ptr)
         # a block of 16 elements is 8 consecutive pairs
-        shape3: tl.constexpr = (H_PAD, BLOCK_D // 16, 8)
-        amax = tl.maximum(
-            tl.max(tl.abs(tl.reshape(even, shape3)), axis=2), tl.max(tl.abs(tl.reshape(odd, shape3)), axis=2)
-        )  # [H_PAD, D/16]
+        even_blocks = tl.reshape(even, (H_PAD, BLOCK_D // 16, 8))
+        odd_blocks = tl.reshape(odd, (H_PAD, BLOCK_D // 16, 8))
+        amax = tl.maximum(tl.max(tl.abs(even_blocks), axis=2), tl.max(tl.abs(odd_blocks), axis=2))  # [H_PAD, D/16]
         block_scale = tl.minimum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), g), 448.0)
         scale_byte = e4m3_code(block_scale)
         scale_byte = tl.where(e4m3_value(scale_byte) == 0.0, E4M3_ONE, scale_byte)
         divisor = e4m3_value(scale_byte) * g  # s * g, in the codec's order
-        divisor = tl.reshape(tl.broadcast_to(divisor[:, :, None], shape3), (H_PAD, BLOCK_D // 2))
+        divisor = tl.reshape(tl.broadcast_to(divisor[:, :, None], (H_PAD, BLOCK_D // 16, 8)), (H_PAD, BLOCK_D // 2))
         codes = e2m1_code(tl.math.div_rn(even, divisor)) | (e2m1_code(tl.math.div_rn(odd, divisor)) << 4)
         tl.store(row + pairs, codes.to(tl.uint8), mask=mask)
         blocks = tl.arange(0, BLOCK_D // 16)[None, :]

@@ -142,6 +142,13 @@ def test_decode_only_step(device, name, dtype, window):
     check(case.triton(device, window=window), case.reference(window=window))
 
 
+@pytest.mark.parametrize("shapes", [[(40, 1)], [(0, 12)], [(9, 4)]])
+def test_single_sequence(device, shapes):
+    """Batch 1 (the binary search has one sequence), as a decode, a fresh prompt and a verification."""
+    case = Case(shapes, 8, 2, 64, KVCacheFormat("fp8_e4m3"), torch.float16, seed=6)
+    check(case.triton(device), case.reference())
+
+
 # ---- the layer: FP4SERVE_TRITON=1 against the default path -------------------------------------------
 
 
