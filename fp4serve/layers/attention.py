@@ -2,7 +2,9 @@
 
 `paged_attention_ref` is the reference: one sequence at a time, K/V gathered from the cache
 through the block table and decoded (formats/kv_codec.py: plain, fp8 or nvfp4 storage), plain SDPA
-with a causal offset mask. Fast paths in kernels/ must match it.
+with a causal offset mask. Fast paths in kernels/ must match it. Where the Triton kernels run
+(kernels/triton_support.py), PagedAttention hands the KV write and all the step's rows to
+kernels/triton_kv_write.py and kernels/triton_attention.py instead of `paged_attention`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from fp4serve.formats.kv_codec import KVCacheFormat, KVQuant
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.kernels.paged_attention import decode_attention, gather_plan
+from fp4serve.kernels.triton_support import use_triton
 from fp4serve.layers.cache_spec import KVCacheSpec
 
 
@@ -192,6 +195,8 @@ class PagedAttention(nn.Module):
         if batch.calibrate_kv_scales:
             self.k_scale.copy_(self.kv.format.scale_for_amax(k.abs().amax()))
             self.v_scale.copy_(self.kv.format.scale_for_amax(v.abs().amax()))
+        if use_triton(q):
+            return self._forward_triton(q, k, v, batch).reshape(T, self.num_heads * self.head_dim)
         k_stored, v_stored = write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping, self.kv)
         out = paged_attention(
             q,
@@ -206,3 +211,24 @@ class PagedAttention(nn.Module):
             self.kv,
         )
         return out.reshape(T, self.num_heads * self.head_dim)
+
+    def _forward_triton(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The KV write, then one attention launch for all rows, from the batch's device tensors and
+        host ints only (capturable in a CUDA graph). Imported here: triton is an optional dependency."""
+        from fp4serve.kernels.triton_attention import paged_attention_triton
+        from fp4serve.kernels.triton_kv_write import write_kv_triton
+
+        write_kv_triton(self.k_cache, self.v_cache, k, v, batch.slot_mapping, self.kv)
+        return paged_attention_triton(
+            q,
+            self.k_cache,
+            self.v_cache,
+            batch.query_start_loc,
+            batch.context_lens,
+            batch.block_tables,
+            max(batch.query_lens),
+            self.scale,
+            self.causal,
+            self.sliding_window,
+            self.kv,
+        )
