@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fp4serve.formats.kv_codec import KVCacheFormat, KVQuant
 from fp4serve.formats.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+from fp4serve.forward_batch import SequenceRows, build_batch
+from fp4serve.layers.attention import paged_attention_ref, write_kv
 from fp4serve.layers.gdn import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
 
 
@@ -31,6 +34,63 @@ def gemm_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             got = nvfp4_linear_triton(x, q.packed, q.block_scale, q.global_scale)
             rows.append((f"NVFP4 GEMM {m}x{k} @ {n}x{k}^T, bf16", relative(got, F.linear(x, w)), "~4e-3 of max (bf16)"))
+    return rows
+
+
+def kv_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
+    """The KV write (bytes that differ from write_kv's) and paged attention (error against
+    paged_attention_ref) for each KV format, at the 27B's attention shapes (24 query heads, 4 KV
+    heads of 256): a decode batch, prefill chunks after cached context, verification rows (1 + 3),
+    a non-causal DFlash block of 16 and a sliding window."""
+    from fp4serve.kernels.triton_attention import paged_attention_triton
+    from fp4serve.kernels.triton_kv_write import write_kv_triton
+
+    H, Hkv, D, block = (4, 2, 32, 16) if smoke else (24, 4, 256, 16)
+    decode_seqs, context = (3, 40) if smoke else (64, 1024)
+    torch.manual_seed(0)
+    rows = []
+    num_blocks = decode_seqs * (-(-(context + 600) // block)) + 8
+    free = torch.randperm(num_blocks).tolist()  # block tables with holes: ids in random order
+
+    def seqs(specs):
+        """SequenceRows for (cached tokens, new tokens, drafts) each, blocks from the shuffled pool."""
+        out, at = [], 0
+        for cached, new, drafts in specs:
+            need = -(-(cached + new) // block)
+            out.append(SequenceRows([0] * new, cached, free[at : at + need], num_drafts=drafts))
+            at += need
+        return out
+
+    cached, chunk, window = (48, 32, 16) if smoke else (512, 256, 128)
+    workloads = {
+        f"decode {decode_seqs} seqs x {context} ctx": (seqs([(context, 1, 0)] * decode_seqs), True, None),
+        f"prefill 2 x {chunk} after {cached} cached": (seqs([(cached, chunk, 0)] * 2), True, None),
+        "verification 8 seqs x (1 + 3)": (seqs([(context, 4, 3)] * 8), True, None),
+        "DFlash block 16, non-causal": (seqs([(context, 16, 0)] * 4), False, None),
+        f"sliding window {window}, prefill {chunk}": (seqs([(chunk, chunk, 0)] * 2), True, window),
+    }
+    for name in ("bfloat16", "fp8_e4m3", "nvfp4"):
+        fmt = KVCacheFormat(name)
+        kv = KVQuant(fmt, torch.tensor(0.05, device=device), torch.tensor(0.04, device=device))
+        shape = (num_blocks, block, Hkv, fmt.row_width(D))
+        k_cache = torch.zeros(shape, dtype=fmt.storage_dtype, device=device)
+        v_cache = torch.zeros_like(k_cache)
+        # fill every block once, through the reference write (the attention inputs)
+        slots = torch.arange(num_blocks * block, device=device)
+        k_all = torch.randn(len(slots), Hkv, D, device=device, dtype=torch.bfloat16)
+        v_all = torch.randn_like(k_all)
+        write_kv(k_cache, v_cache, k_all, v_all, slots, kv)
+        k_ours, v_ours = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+        write_kv_triton(k_ours, v_ours, k_all, v_all, slots, kv)
+        differ = sum(int((a.view(torch.uint8) != b.view(torch.uint8)).sum()) for a, b in ((k_ours, k_cache), (v_ours, v_cache)))
+        rows.append((f"KV write {name}, {len(slots)} tokens", f"{differ} of {2 * k_cache.numel() * k_cache.element_size()} bytes differ", "0"))
+        for workload, (specs, causal, window) in workloads.items():
+            batch = build_batch(specs, block, device)
+            q = torch.randn(batch.num_tokens, H, D, device=device, dtype=torch.bfloat16)
+            want = paged_attention_ref(q, k_cache, v_cache, batch, D**-0.5, causal, window, kv=kv)
+            got = paged_attention_triton(q, k_cache, v_cache, batch.query_start_loc, batch.context_lens,
+                                         batch.block_tables, max(batch.query_lens), D**-0.5, causal, window, kv)  # fmt: skip
+            rows.append((f"attention {workload}, {name} KV", relative(got, want), "~1e-2 of max (bf16)"))
     return rows
 
 
@@ -74,5 +134,5 @@ def gdn_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
 
 
 def kernel_rows(device: torch.device, smoke: bool) -> list[tuple[str, str, str]]:
-    return gemm_rows(device, smoke) + gdn_rows(device, smoke)
+    return gemm_rows(device, smoke) + kv_rows(device, smoke) + gdn_rows(device, smoke)
 

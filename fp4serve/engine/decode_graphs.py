@@ -126,7 +126,9 @@ class DecodeGraphs:
                 self.captured[size] = _Captured(graph, hidden)
             else:
                 with torch.inference_mode():
-                    rerun = _Rerun(lambda batch=batch: self.model(batch))
+                    # a new batch per run: its memo (rotary tables) must be recomputed from the buffers,
+                    # as a graph recomputes everything it captured
+                    rerun = _Rerun(lambda size=size: self.model(self._static_batch(size)))
                 self.captured[size] = _Captured(rerun, rerun.hidden)
         log.info("decode graphs: captured batch sizes %s", ",".join(map(str, self.sizes)))
 
