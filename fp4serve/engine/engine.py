@@ -126,6 +126,7 @@ class LLMEngine:
             self._spec_logger = SpecDecodingLogger(self.spec_stats)
             log.info("speculative decoding: %s", self.spec_config)
             phases.done("drafter")
+        graph_sizes = parse_sizes(config.cuda_graph_sizes, config.max_num_seqs)  # checked on every device
         no_graphs = "--enforce-eager" if config.enforce_eager else graphs_unsupported(self.model, self.device)
         caches = build_caches(
             config, self.model, self.proposer, self.spec_config.num_speculative_tokens if self.spec_config else 0,
@@ -140,8 +141,9 @@ class LLMEngine:
         graphs = None
         if no_graphs is None:
             max_blocks = -(-(self.max_model_len + 2 * config.block_size) // config.block_size)
-            sizes = parse_sizes(config.cuda_graph_sizes, config.max_num_seqs)
-            graphs = DecodeGraphs(self.model, self.device, sizes, max_blocks, config.block_size, caches.padding_state_slot)
+            graphs = DecodeGraphs(
+                self.model, self.device, graph_sizes, max_blocks, config.block_size, caches.padding_state_slot
+            )
             graphs.capture()
             phases.done("graphs")
         elif self.device.type == "cuda":
