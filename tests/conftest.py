@@ -11,6 +11,7 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -112,3 +113,19 @@ def paged_batch(shapes, tables, block_size):
 def device() -> torch.device:
     """Where the Triton kernel tests (tests/triton/) run: the GPU, else CPU under the interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class host_reads_refused(TorchFunctionMode):
+    """Within: making a tensor from host values, indexing with a host list (copied to the device), or
+    reading device values on the host raises: what a CUDA graph cannot capture. A torch-function mode,
+    so torch.Tensor itself is never patched."""
+
+    READS = ("item", "tolist", "__int__", "__bool__", "__float__", "nonzero", "cpu")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name == "__getitem__" and len(args) > 1 else None
+        listed = index if isinstance(index, tuple) else (index,)
+        if func is torch.tensor or name in self.READS or any(isinstance(i, list) for i in listed):
+            raise AssertionError(f"host synchronisation in the decode step: {name or func}")
+        return func(*args, **(kwargs or {}))

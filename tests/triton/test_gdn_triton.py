@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import host_reads_refused
 
 from fp4serve.forward_batch import SequenceRows, build_batch
 from fp4serve.kernels import fla_gdn
@@ -174,19 +175,5 @@ def test_decode_step_reads_nothing_on_the_host(monkeypatch, device):
     with torch.inference_mode():
         layer(x, warm_up)  # compiles the kernel (on a GPU) outside the checks, as graph capture warms up
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("host synchronisation in the decode step")
-
-    getitem = torch.Tensor.__getitem__
-
-    def no_list_index(self, index):  # a list index is copied to the device from the host
-        if any(isinstance(i, list) for i in (index if isinstance(index, tuple) else (index,))):
-            refuse()
-        return getitem(self, index)
-
-    with monkeypatch.context() as m, torch.inference_mode():
-        m.setattr(torch, "tensor", refuse)
-        m.setattr(torch.Tensor, "__getitem__", no_list_index)
-        for method in ("item", "tolist", "__int__", "__bool__", "nonzero"):
-            m.setattr(torch.Tensor, method, refuse)
+    with host_reads_refused(), torch.inference_mode():
         layer(x, batch)
