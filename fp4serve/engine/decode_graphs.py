@@ -7,7 +7,8 @@ input buffers; a step of B sequences runs the smallest bucket >= B, its rows pas
 harmless dummy decode: KV slot -1 (the Triton KV write skips it), context length 1, and a GDN state
 slot of its own that no sequence owns. Only pure decode steps are captured (one token per sequence,
 no drafts, no images, no layer taps or KV calibration); every other step runs eagerly, as does a
-model whose forward reads values on the host (MoE routing counts its experts' tokens there).
+model whose forward reads values on the host (MoE routing counts its experts' tokens there; W4A4
+activation quantization checks its scales there).
 
 The forward inside a graph must take only tensor inputs and Python values fixed by the bucket: the
 Triton paths of the layers do (kernels/triton_*.py); the torch reference paths do not, so graphs
@@ -29,6 +30,7 @@ import torch
 from fp4serve.errors import ConfigError
 from fp4serve.forward_batch import ForwardBatch
 from fp4serve.layers.moe import SparseMoeBlock
+from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ def graphs_unsupported(model, device: torch.device) -> str | None:
         return f"the layers take the torch reference path ({why}), which reads values on the host"
     if any(isinstance(m, SparseMoeBlock) for m in model.modules()):
         return "MoE routing counts each expert's tokens on the host"
+    if any(isinstance(getattr(m, "method", None), NVFP4LinearMethod) and m.method.compute == "w4a4"
+           for m in model.modules()):  # fmt: skip
+        return "--nvfp4-compute w4a4 checks the activations' scales on the host"
     return None
 
 

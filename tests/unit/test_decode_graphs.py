@@ -24,6 +24,26 @@ def test_parse_sizes():
             parse_sizes(bad, 8)
 
 
+def test_models_that_read_the_host_run_eagerly(monkeypatch):
+    """MoE routing and W4A4 activation checks read values on the host: never captured (on CPU the
+    replay stand-in asks the same questions a GPU would)."""
+    from fp4serve.formats.checkpoint import ON_THE_FLY
+    from fp4serve.layers.moe import SparseMoeBlock
+    from fp4serve.layers.nvfp4_linear import NVFP4LinearMethod
+
+    monkeypatch.setenv("FP4SERVE_CPU_GRAPH_REPLAY", "1")
+    monkeypatch.setenv("FP4SERVE_TRITON", "1")
+    w4a4 = torch.nn.Module()
+    w4a4.method = NVFP4LinearMethod(ON_THE_FLY, compute="w4a4")
+    assert graphs_unsupported(torch.nn.Sequential(w4a4), torch.device("cpu")) == (
+        "--nvfp4-compute w4a4 checks the activations' scales on the host"
+    )
+    moe = SparseMoeBlock(16, 2, 1, 16, 16, True, torch.float32, "mlp")
+    assert graphs_unsupported(moe, torch.device("cpu")) == "MoE routing counts each expert's tokens on the host"
+    w4a4.method = NVFP4LinearMethod(ON_THE_FLY, compute="w4a16")
+    assert graphs_unsupported(torch.nn.Sequential(w4a4), torch.device("cpu")) is None
+
+
 def test_cpu_has_no_graphs(monkeypatch):
     monkeypatch.delenv("FP4SERVE_CPU_GRAPH_REPLAY", raising=False)
     assert graphs_unsupported(torch.nn.Linear(2, 2), torch.device("cpu")) == "cpu has no CUDA graphs"
