@@ -37,16 +37,14 @@ Not measured: speed (no GPU here); the tile sizes are a first guess, not tuned.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from fp4serve.formats.kv_codec import KVQuant
-from fp4serve.kernels.triton_codecs import e2m1_value, e4m3_value, to_dot_operand, to_stored
-from fp4serve.kernels.triton_kv_write import FORMAT_CODES, FP8, NVFP4, PLAIN, TL_DTYPES
-from fp4serve.kernels.triton_support import emulate_bf16
+from fp4serve.kernels.triton_codecs import TL_DTYPES, e2m1_value, e4m3_value, to_dot_operand, to_stored
+from fp4serve.kernels.triton_kv_write import FORMAT_CODES, FP8, NVFP4, PLAIN
+from fp4serve.kernels.triton_support import emulate_bf16, sm_count
 
 LOG2_E = 1.4426950408889634
 PROGRAMS_PER_SM = 2
@@ -207,17 +205,10 @@ def num_splits(max_query_len: int, programs: int, device: torch.device) -> int:
     lengths are on the device only, so the count follows from the grid: a power of two (for the
     combining kernel's tile) that brings it to PROGRAMS_PER_SM per SM, at most MAX_SPLITS. Splits past
     a short context find no keys and cost one early exit. Steps with longer rows have programs enough."""
-    target = PROGRAMS_PER_SM * _sm_count(device)
+    target = PROGRAMS_PER_SM * sm_count(device, INTERPRETER_SMS)  # a small nominal GPU: small test grids
     if max_query_len > 1 or programs >= target:
         return 1
     return min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(target, programs)))
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # the interpreter: a small nominal GPU keeps the tests' grids small
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def paged_attention_triton(

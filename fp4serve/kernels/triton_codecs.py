@@ -8,8 +8,12 @@ wrongly. Each function is bit-exact against formats/nvfp4.py and torch's float8_
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+# The activation and cache dtypes the kernels take, as Triton names them.
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit

@@ -20,15 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fp4serve.kernels.triton_codecs import to_stored
+from fp4serve.kernels.triton_codecs import TL_DTYPES, to_stored
 from fp4serve.kernels.triton_support import emulate_bf16
 
 # fla-core's choice for its own fused recurrent kernel: a narrow tile keeps the dk x BLOCK_V state in
 # one warp's registers for dk up to 128, and gives dv / 8 programs per head to fill the GPU at decode.
 BLOCK_V_MAX = 8
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
 
 @triton.jit
 def _fused_recurrent_kernel(
@@ -123,7 +120,7 @@ def fused_recurrent_gated_delta_rule(
         state_cache.stride(0), T, dk**-0.5,
         HV=Hv, HK=Hk, DK=dk, DV=dv, BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=block_v,
         VARLEN=cu_seqlens is not None, STORE_STATES=states_out is not None,
-        OUT_DTYPE=_TL_DTYPES[v.dtype], EMULATE_BF16=emulate_bf16(),
+        OUT_DTYPE=TL_DTYPES[v.dtype], EMULATE_BF16=emulate_bf16(),
         num_warps=1,
     )  # fmt: skip
     return out.view(B, T, Hv, dv)

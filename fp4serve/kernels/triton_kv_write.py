@@ -20,13 +20,12 @@ import triton.language as tl
 
 from fp4serve.formats.kv_codec import KVQuant
 from fp4serve.formats.nvfp4 import BLOCK_SIZE
-from fp4serve.kernels.triton_codecs import e2m1_code, e4m3_code, e4m3_value, to_stored
+from fp4serve.kernels.triton_codecs import TL_DTYPES, e2m1_code, e4m3_code, e4m3_value, to_stored
 from fp4serve.kernels.triton_support import emulate_bf16
 
 # constexpr: the kernels branch on them at compile time
 PLAIN, FP8, NVFP4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 FORMAT_CODES = {"fp8_e4m3": FP8, "nvfp4": NVFP4}
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 E4M3_ONE = tl.constexpr(0x38)  # the E4M3 byte of 1.0: the block scale stored where amax gives 0
 
 

@@ -19,25 +19,20 @@ a GPU), so `_launch_config` picks tiles with the fixed rules described there.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from fp4serve.formats.nvfp4 import BLOCK_SIZE
 from fp4serve.kernels.cpu_nvfp4 import _check_weight
-from fp4serve.kernels.triton_codecs import e2m1_value, e4m3_value, to_dot_operand, to_stored
-from fp4serve.kernels.triton_support import emulate_bf16
+from fp4serve.kernels.triton_codecs import TL_DTYPES, e2m1_value, e4m3_value, to_dot_operand, to_stored
+from fp4serve.kernels.triton_support import emulate_bf16, sm_count
 
 DECODE_MAX_ROWS = 64
 # Programs per SM that decode aims for, so each SM has several tiles' loads in flight to hide latency.
 PROGRAMS_PER_SM = 4
 # What the interpreter plans for (it has no SMs): an H100's count, so CPU tests run the GPU's grids.
 NOMINAL_SMS = 132
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
 
 @triton.jit
 def _nvfp4_linear_kernel(
@@ -90,13 +85,6 @@ def _nvfp4_linear_kernel(
     tl.store(out, to_stored(acc, OUT_DTYPE, EMULATE_BF16), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return NOMINAL_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _launch_config(rows: int, out_features: int, in_features: int, device: torch.device) -> dict:
     """Tiles, split-K and warps for one shape (no autotuning; see the module docstring).
 
@@ -117,7 +105,7 @@ def _launch_config(rows: int, out_features: int, in_features: int, device: torch
     split = 1
     if rows <= DECODE_MAX_ROWS:
         programs = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
-        wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), programs)
+        wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count(device, NOMINAL_SMS), programs)
         weight_bytes = out_features * in_features * 9 // 16  # codes and block scales
         traffic_cap = weight_bytes // (8 * 8 * rows * out_features)
         split = max(1, min(wanted, k_steps, traffic_cap))
@@ -142,11 +130,11 @@ def nvfp4_linear_triton(
     Returns [..., out] in out_dtype (default x.dtype). The launch reads no device value on the host."""
     _check_weight(packed, block_scale, global_scale)
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    if x.shape[-1] != in_features or x.dtype not in _TL_DTYPES:
+    if x.shape[-1] != in_features or x.dtype not in TL_DTYPES:
         raise ValueError(f"NVFP4 linear with {in_features} inputs got activations {x.dtype} {tuple(x.shape)}")
     out_dtype = out_dtype or x.dtype
-    if out_dtype not in _TL_DTYPES:
-        raise ValueError(f"NVFP4 linear cannot write {out_dtype}: expected one of {list(_TL_DTYPES)}")
+    if out_dtype not in TL_DTYPES:
+        raise ValueError(f"NVFP4 linear cannot write {out_dtype}: expected one of {list(TL_DTYPES)}")
     x2 = x.reshape(-1, in_features)
     rows = x2.shape[0]
     if rows == 0:
@@ -164,8 +152,8 @@ def nvfp4_linear_triton(
         x2, packed, scales, g, bias if bias is not None and not partial else x2, y,
         rows, out_features, in_features, config.pop("k_per_split"),
         x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), int(g.numel() > 1), rows * out_features,
-        HAS_BIAS=bias is not None and not partial, DOT_DTYPE=_TL_DTYPES[x.dtype],
-        OUT_DTYPE=tl.float32 if partial else _TL_DTYPES[out_dtype], EMULATE_BF16=emulate_bf16(), **config,
+        HAS_BIAS=bias is not None and not partial, DOT_DTYPE=TL_DTYPES[x.dtype],
+        OUT_DTYPE=tl.float32 if partial else TL_DTYPES[out_dtype], EMULATE_BF16=emulate_bf16(), **config,
     )  # fmt: skip
     if partial:
         y = y.sum(0)

@@ -76,6 +76,19 @@ def _use_triton_on(device_type: str, index: int | None, mode: str, interpret: bo
     return triton_reason(torch.device(device_type, index) if index is not None else torch.device(device_type))[0]
 
 
+def sm_count(device: torch.device, interpreted: int) -> int:
+    """The GPU's streaming multiprocessors (kernels size split grids from it); under the interpreter,
+    which has none, the nominal `interpreted` count the caller plans its test grids for."""
+    if device.type != "cuda":
+        return interpreted
+    return _cuda_sm_count(device)
+
+
+@functools.cache
+def _cuda_sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def emulate_bf16() -> bool:
     """The interpreter computes in numpy, which has no bfloat16: it casts fp32 -> bf16 by truncation
     and its bf16 dot products are wrong. Kernels then keep bf16 operands in fp32, rounded to bf16

@@ -204,4 +204,6 @@ def test_decode_step_reads_nothing_on_the_host(monkeypatch, device):
         layer(q, k, k, warm_up)  # compiles the kernels (on a GPU) outside the checks, as graph capture warms up
 
     with host_reads_refused(), torch.inference_mode():
-        layer(q, k, k, batch)
+        guarded = layer(q, k, k, batch)
+    with torch.inference_mode():  # the same step again (it rewrites the same K/V): the same result
+        assert torch.equal(guarded, layer(q, k, k, batch))

@@ -175,5 +175,12 @@ def test_decode_step_reads_nothing_on_the_host(monkeypatch, device):
     with torch.inference_mode():
         layer(x, warm_up)  # compiles the kernel (on a GPU) outside the checks, as graph capture warms up
 
+    before = layer.conv_state.clone(), layer.recurrent_state.clone()
     with host_reads_refused(), torch.inference_mode():
-        layer(x, batch)
+        guarded = layer(x, batch)
+    after = layer.conv_state.clone(), layer.recurrent_state.clone()
+    layer.conv_state.copy_(before[0])
+    layer.recurrent_state.copy_(before[1])
+    with torch.inference_mode():  # the same step from the same state, unguarded: the same result
+        assert torch.equal(guarded, layer(x, batch))
+    assert torch.equal(after[0], layer.conv_state) and torch.equal(after[1], layer.recurrent_state)
